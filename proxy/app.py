@@ -1,0 +1,518 @@
+"""The aiohttp shell: the one request handler, the swappable state, the admin endpoints.
+
+    resources = Resources(metrics, log)                # per process: pools, JWKS sources
+    proxy = Proxy(await resources.prepare(config), resources)
+    server = make_server(proxy.handle, config)         # aiohttp low-level server
+    proxy.swap(await resources.prepare(new_config))    # SIGHUP: atomic, in-flight untouched
+
+Everything aiohttp-specific about a request happens here: it becomes a `RequestView`, the core
+decides, `forward.exchange` streams, and a `Rejection` is rendered through `errors.CONTRACT`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
+from aiohttp.web_protocol import RequestHandler
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from .config import Config, Errors, Upstream
+from .decision import Decision, decide
+from .errors import CONTRACT, Reason, Rejection
+from .forward import Traffic, UpstreamError, UpstreamPool, exchange
+from .headers import (
+    Forwarding,
+    HeaderPlan,
+    remove_query_param,
+    request_id,
+    response_headers,
+)
+from .keys import AppKeys, Fetcher, HttpFetcher, JwksSource
+from .model import RequestView
+from .telemetry import Log, Metrics
+from .tokens import Verifier, service_app
+from .websocket import WebSocketClients, is_websocket, relay
+
+Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+
+
+class ErrorBodies:
+    """Every rejection's status, body and challenge, rendered once per config."""
+
+    def __init__(self, errors: Errors) -> None:
+        self._rendered: dict[Reason, tuple[int, bytes, str | None]] = {}
+        for reason, outcome in CONTRACT.items():
+            error: dict[str, Any] = {
+                "code": outcome.code,
+                "name": outcome.name,
+                "message": outcome.message,
+            }
+            if errors.expose_reason:
+                error["reason"] = reason.value
+            body = json.dumps({"error": error}, separators=(",", ":")).encode()
+            challenge = None
+            if outcome.challenge == "":
+                challenge = f'Bearer realm="{errors.realm}"'
+            elif outcome.challenge is not None:
+                challenge = (
+                    f'Bearer realm="{errors.realm}", error="{outcome.challenge}", '
+                    f'error_description="{outcome.message}"'
+                )
+            self._rendered[reason] = (outcome.status, body, challenge)
+
+    def response(
+        self, reason: Reason, rid_name: str, rid: str, retry_after: int | None = None
+    ) -> web.Response:
+        status, body, challenge = self._rendered[reason]
+        headers = {rid_name: rid}
+        if challenge is not None:
+            headers["WWW-Authenticate"] = challenge
+        if retry_after is not None:
+            headers["Retry-After"] = str(retry_after)
+        return web.Response(
+            status=status, body=body, headers=headers, content_type="application/json"
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class State:
+    """One loaded configuration and everything compiled from it; swapped whole on reload."""
+
+    config: Config
+    verifier: Verifier
+    plan: HeaderPlan
+    errors: ErrorBodies
+    pools: dict[str | None, UpstreamPool]  # route upstream name (None: the default) -> pool
+    upstreams: dict[str | None, Upstream]
+    sources: tuple[JwksSource, ...]
+
+    def ready(self, now: float) -> list[str]:
+        """What is not ready: each JWKS URL without usable keys."""
+        return [f"jwks {s.url}" for s in self.sources if not s.usable(now)]
+
+
+class Resources:
+    """What outlives one configuration in a process: pools, JWKS sources, metrics, log."""
+
+    def __init__(
+        self,
+        metrics: Metrics,
+        log: Log,
+        clock: Callable[[], float] = time.time,
+        fetcher: Fetcher | None = None,
+    ) -> None:
+        self.metrics = metrics
+        self.log = log
+        self.clock = clock
+        self.fetcher = fetcher or HttpFetcher()
+        self.pools: dict[Upstream, UpstreamPool] = {}
+        self.sources: dict[tuple[Any, ...], JwksSource] = {}
+        self.tasks: dict[JwksSource, asyncio.Task[None]] = {}
+        self.websockets = WebSocketClients()
+        self.active: State | None = None
+
+    def _keys_changed(self) -> None:
+        if self.active is not None:
+            self.active.verifier.clear_cache()
+
+    async def prepare(self, config: Config, fetch: bool = True) -> State:
+        """Compile a config into a State; new JWKS URLs get one fetch first (concurrently)."""
+        sources: dict[str, JwksSource] = {}
+        fresh: list[JwksSource] = []
+        for url in config.jwks_urls:
+            apps = tuple(app.id for app in config.apps if app.jwks_url == url)
+            key = (url, apps, config.token)
+            source = self.sources.get(key)
+            if source is None:
+                source = JwksSource(
+                    url,
+                    apps,
+                    config.token,
+                    fetcher=self.fetcher,
+                    clock=self.clock,
+                    metrics=self.metrics,
+                    log=self.log,
+                    on_change=self._keys_changed,
+                )
+                self.sources[key] = source
+                fresh.append(source)
+            sources[url] = source
+        if fetch and fresh:
+            await asyncio.gather(*(source.fetch() for source in fresh))
+        keys = {app.id: AppKeys(app, sources.get(app.jwks_url or "")) for app in config.apps}
+        implicit = service_app(config)
+        if implicit is not None:
+            keys[implicit.id] = AppKeys(implicit)
+        verifier = Verifier(
+            config, keys, clock=self.clock, metrics=self.metrics, service_app=implicit
+        )
+        upstreams: dict[str | None, Upstream] = {None: config.upstream}
+        upstreams.update(config.upstreams)
+        pools = {name: self._pool(upstream) for name, upstream in upstreams.items()}
+        return State(
+            config,
+            verifier,
+            HeaderPlan(config.forward),
+            ErrorBodies(config.errors),
+            pools,
+            upstreams,
+            tuple(sources.values()),
+        )
+
+    def _pool(self, upstream: Upstream) -> UpstreamPool:
+        pool = self.pools.get(upstream)
+        if pool is None:
+            pool = self.pools[upstream] = UpstreamPool(upstream)
+        return pool
+
+    def activate(self, state: State, refresh: bool = True) -> None:
+        """Make `state` the active one; retire pools and JWKS sources it no longer uses."""
+        self.active = state
+        used_sources = set(state.sources)
+        for key, source in list(self.sources.items()):
+            if source not in used_sources:
+                del self.sources[key]
+                task = self.tasks.pop(source, None)
+                if task is not None:
+                    task.cancel()
+        if refresh:
+            for source in used_sources:
+                if source not in self.tasks:
+                    self.tasks[source] = asyncio.ensure_future(source.run())
+        used_pools = set(state.pools.values())
+        for upstream, pool in list(self.pools.items()):
+            if pool not in used_pools:
+                del self.pools[upstream]
+                pool.close()
+
+    async def close(self) -> None:
+        for task in self.tasks.values():
+            task.cancel()
+        self.tasks.clear()
+        for pool in self.pools.values():
+            pool.close()
+        await self.websockets.close()
+        if isinstance(self.fetcher, HttpFetcher):
+            await self.fetcher.close()
+
+
+SERVICE_PATHS = frozenset(
+    {"/oauth/token", "/.well-known/jwks.json", "/.well-known/oauth-authorization-server"}
+)
+
+
+class Proxy:
+    """The request handler of the main listener."""
+
+    def __init__(self, state: State, resources: Resources, scheme: str = "http") -> None:
+        self.state = state
+        self.resources = resources
+        self.metrics = resources.metrics
+        self.log = resources.log
+        self.clock = resources.clock
+        self.scheme = scheme
+        self.service: Handler | None = None
+        resources.activate(state, refresh=False)
+
+    def swap(self, state: State) -> None:
+        """Serve `state` from the next request on (requests in flight keep theirs)."""
+        self.state = state
+        self.resources.activate(state)
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        state = self.state
+        config = state.config
+        started = time.perf_counter()
+        self.metrics.in_flight.inc()
+        rid_name = config.forward.request_id_header
+        rid = request_id(request.headers.get(rid_name))
+        traffic = Traffic()
+        decision: Decision | None = None
+        rejected: Rejection | None = None
+        response: web.StreamResponse | None = None
+        reason = app = ""
+        outcome = "forwarded"
+        try:
+            if (
+                self.service is not None
+                and config.token_service is not None
+                and request.raw_path.partition("?")[0] in SERVICE_PATHS
+            ):
+                response = await self.service(request)
+                response.headers[rid_name] = rid
+                return response
+            view = RequestView(
+                request.method,
+                request.raw_path,
+                request.headers,
+                request.remote or "",
+                self.scheme,
+            )
+            decision = await decide(view, config, state.verifier, self.clock())
+            app = decision.app
+            response = await self.forward(request, state, decision, rid, traffic)
+        except Rejection as rejection:
+            reason, app = rejection.reason.value, rejection.app
+            outcome = CONTRACT[rejection.reason].name
+            rejected = rejection
+            response = state.errors.response(rejection.reason, rid_name, rid, rejection.retry_after)
+            if request.body_exists and not request.content.is_eof():
+                response.force_close()  # never read a rejected body (Expect: 100-continue)
+        except UpstreamError as error:
+            reason, outcome = error.reason.value, CONTRACT[error.reason].name
+            self.log.event(
+                "warning",
+                "upstream_error",
+                request_id=rid,
+                upstream=self._upstream(decision),
+                error=error.detail,
+            )
+            response = state.errors.response(error.reason, rid_name, rid)
+        except Exception:
+            reason, outcome = Reason.INTERNAL.value, CONTRACT[Reason.INTERNAL].name
+            self.log.event(
+                "error", "internal_error", request_id=rid, traceback=traceback.format_exc()
+            )
+            response = state.errors.response(Reason.INTERNAL, rid_name, rid)
+        finally:
+            self.metrics.in_flight.dec()
+            if response is not None:
+                elapsed = time.perf_counter() - started
+                self.metrics.request(outcome, reason, app, elapsed)
+                if config.access_log:
+                    self._access(
+                        request,
+                        decision or rejected,
+                        rid,
+                        response.status,
+                        reason,
+                        app,
+                        outcome,
+                        elapsed,
+                        traffic,
+                    )
+        return response
+
+    async def forward(
+        self,
+        request: web.BaseRequest,
+        state: State,
+        decision: Decision,
+        rid: str,
+        traffic: Traffic,
+    ) -> web.StreamResponse:
+        config = state.config
+        name = decision.route.upstream if decision.route is not None else None
+        upstream = state.upstreams[name]
+        verified = decision.verified
+        client_host = request.headers.get("Host")
+        client_host_bytes = (
+            client_host.encode("utf-8", "surrogateescape") if client_host is not None else None
+        )
+        facts = Forwarding(
+            host=(
+                client_host_bytes
+                if upstream.preserve_host and client_host_bytes
+                else upstream.host_header.encode()
+            ),
+            client_host=client_host_bytes,
+            peer=request.remote or "",
+            scheme=self.scheme,
+            request_id=rid,
+            identity=verified.identity if verified else (),
+            claims=verified.claims_header if verified else None,
+            drop_token=(
+                decision.found.source
+                if decision.found is not None and not config.forward.token
+                else None
+            ),
+            chunked=request.body_exists and request.content_length is None,
+        )
+        path = upstream.base_path + decision.target.path
+        if is_websocket(request):
+            query = decision.target.query
+            if facts.drop_token is not None and facts.drop_token.kind == "query":
+                query = remove_query_param(query, facts.drop_token.name)
+            expires_in = (
+                verified.exp + config.token.leeway - self.clock()
+                if verified is not None and verified.exp is not None
+                else None
+            )
+            return await relay(
+                request,
+                self.resources.websockets,
+                upstream,
+                path + ("?" + query if query else ""),
+                state.plan.request_headers(request.raw_headers, facts),
+                expires_in,
+            )
+        head = state.plan.request_head(
+            request.method, path, decision.target.query, request.raw_headers, facts
+        )
+        rid_name = config.forward.request_id_header
+
+        def headers_out(raw: list[tuple[bytes, bytes]]) -> Any:
+            return response_headers(raw, rid_name, rid)
+
+        def broken(detail: str) -> None:
+            self.log.event(
+                "warning", "upstream_error", request_id=rid, upstream=upstream.name, error=detail
+            )
+
+        response = await exchange(
+            request, state.pools[name], head, headers_out, traffic, on_broken=broken
+        )
+        if traffic.upstream_seconds is not None:
+            self.metrics.upstream(upstream.name, traffic.upstream_seconds)
+        return response
+
+    def _upstream(self, decision: Decision | None) -> str:
+        if decision is None or decision.route is None or decision.route.upstream is None:
+            return "default"
+        return decision.route.upstream
+
+    def _access(
+        self,
+        request: web.BaseRequest,
+        decided: Decision | Rejection | None,
+        rid: str,
+        status: int,
+        reason: str,
+        app: str,
+        outcome: str,
+        elapsed: float,
+        traffic: Traffic,
+    ) -> None:
+        route = ""
+        if isinstance(decided, Decision):
+            path = decided.target.path
+            route = decided.route.pattern.pattern if decided.route is not None else ""
+        elif decided is not None and decided.path is not None:
+            path, route = decided.path, decided.route
+        else:
+            path = request.raw_path.partition("?")[0][:2048]
+        self.log.write(
+            {
+                "time": self.log.now(),
+                "level": "info",
+                "event": "request",
+                "request_id": rid,
+                "method": request.method,
+                "path": path,
+                "route": route,
+                "status": status,
+                "outcome": outcome,
+                "reason": reason,
+                "app": app,
+                "client": request.remote or "",
+                "duration_ms": round(elapsed * 1000, 3),
+                "upstream_ms": (
+                    round(traffic.upstream_seconds * 1000, 3)
+                    if traffic.upstream_seconds is not None
+                    else None
+                ),
+                "bytes_in": traffic.bytes_in,
+                "bytes_out": traffic.bytes_out,
+            }
+        )
+
+
+# --- Malformed HTTP: a fixed short answer that never echoes the request ----------------------
+
+_BAD_REQUEST = (
+    b'{"error":{"code":400,"name":"BadRequest","message":"The request could not be parsed."}}'
+)
+_TOO_LARGE = (
+    b'{"error":{"code":431,"name":"RequestHeaderFieldsTooLarge",'
+    b'"message":"A request header is too large."}}'
+)
+
+
+class _QuietHandler(RequestHandler):
+    """aiohttp's connection handler, minus its error page and log lines that echo requests."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started")
+        log: Log | None = getattr(self._manager, "log", None)
+        if isinstance(exc, LineTooLong):
+            status, body = 431, _TOO_LARGE
+        elif status == 400:
+            body = _BAD_REQUEST
+        else:
+            status, body = 500, b'{"error":{"code":500,"name":"InternalError"}}'
+        if log is not None:
+            log.event("warning", "bad_request", status=status, client=request.remote or "")
+        response = web.Response(status=status, body=body, content_type="application/json")
+        response.force_close()
+        return response
+
+    def log_exception(self, *args: Any, **kwargs: Any) -> None:
+        pass  # aiohttp's message quotes the offending bytes, which may hold a token
+
+
+class Server(web.Server):
+    """aiohttp's low-level server with `_QuietHandler` connections."""
+
+    def __init__(self, handler: Handler, log: Log, **kwargs: Any) -> None:
+        super().__init__(handler, **kwargs)
+        self.log = log
+
+    def __call__(self) -> RequestHandler:
+        return _QuietHandler(self, loop=self._loop, **self._kwargs)
+
+
+def make_server(handler: Handler, config: Config, log: Log) -> Server:
+    """The main listener's server: header limits fixed from `max_length` at start."""
+    limit = max(8190, config.token.max_length + 1024)
+    return Server(
+        handler,
+        log,
+        max_line_size=limit,
+        max_field_size=limit,
+        access_log=None,
+        handler_cancellation=True,
+    )
+
+
+# --- Admin listener ---------------------------------------------------------------------------
+
+
+def admin_app(ready: Callable[[], list[str]], metrics: Callable[[], bytes]) -> web.Application:
+    """/healthz, /readyz and /metrics; nothing else, and nothing proxied."""
+
+    async def healthz(_: web.Request) -> web.Response:
+        return web.json_response({"status": "ok"})
+
+    async def readyz(_: web.Request) -> web.Response:
+        missing = ready()
+        if missing:
+            return web.json_response({"status": "not ready", "waiting_for": missing}, status=503)
+        return web.json_response({"status": "ready"})
+
+    async def metrics_view(_: web.Request) -> web.Response:
+        return web.Response(body=metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    app = web.Application()
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/readyz", readyz)
+    app.router.add_get("/metrics", metrics_view)
+    return app
+
+
+def registry_metrics(metrics: Metrics) -> Callable[[], bytes]:
+    return lambda: generate_latest(metrics.registry)

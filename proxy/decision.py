@@ -1,0 +1,167 @@
+"""The decision (SPEC §4), in the contract's order: forward this request, or reject it.
+
+    decision = await decide(view, config, verifier, now=clock())   # or raises Rejection
+    decision.target.path, decision.route, decision.verified
+
+`serve` and `inspect` both call `decide()`; `inspect` passes a trace list and prints it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+from urllib.parse import unquote
+
+from .config import Config, Route
+from .errors import Reason, Rejection
+from .model import RequestView
+from .routing import Target, split_target
+from .tokens import Found, Trace, Verified, Verifier, extract_token, note, query_values
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Forward: the normalised target, the route, where the token was, what it proved."""
+
+    target: Target
+    route: Route | None
+    found: Found | None = field(default=None, repr=False)
+    verified: Verified | None = None
+
+    @property
+    def app(self) -> str:
+        return self.verified.app.id if self.verified else ""
+
+
+def match_route(
+    routes: tuple[Route, ...], method: str, path: str
+) -> tuple[Route | None, dict[str, str]]:
+    """Step 2: the first route whose methods and pattern match."""
+    for route in routes:
+        if route.methods is not None and method not in route.methods:
+            continue
+        params = route.pattern.match(path)
+        if params is not None:
+            return route, params
+    return None, {}
+
+
+def is_preflight(view: RequestView) -> bool:
+    headers = view.headers
+    return (
+        view.method == "OPTIONS"
+        and "Origin" in headers
+        and "Access-Control-Request-Method" in headers
+    )
+
+
+async def decide(
+    view: RequestView, config: Config, verifier: Verifier, now: float, trace: Trace = None
+) -> Decision:
+    """Steps 1-8: a Decision to forward, or a Rejection."""
+    target = split_target(view.target, view.headers.get("Host"))
+    note(trace, "path", True, f"normalised to {target.path}")
+    route, params = match_route(config.routes, view.method, target.match)
+    note(trace, "route", True, route.pattern.pattern if route else "no route: token required")
+    try:
+        return await _check(view, config, verifier, now, trace, target, route, params)
+    except Rejection as rejection:
+        rejection.path = target.path
+        rejection.route = route.pattern.pattern if route is not None else ""
+        raise
+
+
+async def _check(
+    view: RequestView,
+    config: Config,
+    verifier: Verifier,
+    now: float,
+    trace: Trace,
+    target: Target,
+    route: Route | None,
+    params: dict[str, str],
+) -> Decision:
+    """Steps 2 (auth none, preflight) to 8 once the route is known."""
+    if route is not None and route.auth == "none":
+        return Decision(target, route)
+    if config.preflight == "pass" and is_preflight(view):
+        note(trace, "preflight", True, "CORS preflight passes without a token")
+        return Decision(target, route)
+    found = extract_token(view, config.token.sources)
+    if found is None:
+        if route is not None and route.auth == "optional":
+            note(trace, "token", True, "none; the route's auth is optional")
+            return Decision(target, route)
+        note(trace, "token", False, "none found")
+        raise Rejection(Reason.MISSING, "no token in " + _sources(config))
+    note(trace, "token", True, f"found in {found.source.kind}:{found.source.name}")
+    verified = await verifier.verify(found.token, now, trace)
+    if route is not None:
+        authorize(route, params, verified, view, target, trace)
+    return Decision(target, route, found, verified)
+
+
+def authorize(
+    route: Route,
+    params: dict[str, str],
+    verified: Verified,
+    view: RequestView,
+    target: Target,
+    trace: Trace = None,
+) -> None:
+    """Step 8: the route's own checks, all 403; run on every request, cached token or not."""
+    app = verified.app.id
+    claims = verified.claims
+    if route.apps is not None and app not in route.apps:
+        note(trace, "route apps", False, f"app {app} is not in the route's apps")
+        raise Rejection(Reason.APP_NOT_ALLOWED, "the app is not allowed here", app=app)
+    if not route.scopes <= verified.scopes:
+        note(trace, "scopes", False, "missing " + " ".join(sorted(route.scopes - verified.scopes)))
+        raise Rejection(Reason.INSUFFICIENT_SCOPE, "a required scope is missing", app=app)
+    for name in route.required_claims:
+        if name not in claims:
+            note(trace, "route claims", False, f"claim {name} is absent")
+            raise Rejection(Reason.ROUTE_MISSING_CLAIM, f"claim {name} is absent", app=app)
+    for binding in route.bind:
+        if binding.claim not in claims:
+            continue
+        expected = _claim_text(claims[binding.claim])
+        actual = _request_value(binding.kind, binding.name, params, view, target)
+        if expected is None or actual is None or expected != actual:
+            note(
+                trace, f"bind {binding.claim}", False, f"differs from {binding.kind}.{binding.name}"
+            )
+            raise Rejection(
+                Reason.BINDING_MISMATCH,
+                f"claim {binding.claim} does not match {binding.kind}.{binding.name}",
+                app=app,
+            )
+        note(trace, f"bind {binding.claim}", True, f"equals {binding.kind}.{binding.name}")
+    note(trace, "route checks", True, "apps, scopes, claims and bindings fine")
+
+
+def _claim_text(value: Any) -> str | None:
+    """A claim as binding text: a string as is, an integer in decimal, nothing else."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return str(value)
+    return None
+
+
+def _request_value(
+    kind: str, name: str, params: dict[str, str], view: RequestView, target: Target
+) -> str | None:
+    """The one request value a claim is bound to; None when absent or repeated."""
+    if kind == "path":
+        raw = params.get(name)
+        return None if raw is None else unquote(raw, errors="surrogateescape")
+    if kind == "query":
+        values = query_values("?" + target.query, name)
+    else:
+        values = view.headers.getall(name, [])
+    return values[0] if len(values) == 1 else None
+
+
+def _sources(config: Config) -> str:
+    return ", ".join(f"{s.kind}:{s.name}" for s in config.token.sources)

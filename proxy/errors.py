@@ -1,0 +1,157 @@
+"""The error contract (SPEC §5) in one table, and the exceptions that carry it.
+
+    raise Rejection(Reason.EXPIRED, app="TR21063826")
+    outcome = CONTRACT[Reason.EXPIRED]      # status 401, code 40, "TokenExpired", ...
+
+Status codes, SDK codes, names, messages and challenges live only here. A `Rejection` carries a
+reason word and never any token, secret or key material; `detail` is a human sentence for
+`inspect` and logs, built from config words only.
+
+    ConfigError([Problem("apps[1].secrets[0]", "invalid base64")], file="proxy.yaml")
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Reason(StrEnum):
+    """The contract's reason words."""
+
+    MALFORMED = "malformed"
+    TOO_LONG = "too_long"
+    ALG_NOT_ALLOWED = "alg_not_allowed"
+    CRIT_HEADER = "crit_header"
+    BAD_TYP = "bad_typ"
+    UNKNOWN_APP = "unknown_app"
+    UNKNOWN_KID = "unknown_kid"
+    BAD_SIGNATURE = "bad_signature"
+    NOT_YET_VALID = "not_yet_valid"
+    LIFETIME_TOO_LONG = "lifetime_too_long"
+    ISSUER = "issuer"
+    AUDIENCE = "audience"
+    MISSING_CLAIM = "missing_claim"
+    CLAIM_MISMATCH = "claim_mismatch"
+    MISSING = "missing"
+    EXPIRED = "expired"
+    APP_NOT_ALLOWED = "app_not_allowed"
+    INSUFFICIENT_SCOPE = "insufficient_scope"
+    ROUTE_MISSING_CLAIM = "route_missing_claim"
+    BINDING_MISMATCH = "binding_mismatch"
+    MULTIPLE_TOKENS = "multiple_tokens"
+    BAD_PATH = "bad_path"
+    KEYS_UNAVAILABLE = "keys_unavailable"
+    UPSTREAM_UNAVAILABLE = "upstream_unavailable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    INTERNAL = "internal"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """How one reason is answered: HTTP status, SDK code, name, message, challenge kind."""
+
+    status: int
+    code: int
+    name: str
+    message: str
+    # RFC 6750 `error=` of the WWW-Authenticate challenge; "" = bare challenge; None = none.
+    challenge: str | None
+
+
+_INVALID = Outcome(401, 38, "TokenInvalid", "The token is invalid.", "invalid_token")
+_FORBIDDEN = Outcome(
+    403, 38, "TokenInvalid", "The token does not allow this request.", "insufficient_scope"
+)
+
+CONTRACT: dict[Reason, Outcome] = {
+    **{
+        reason: _INVALID
+        for reason in (
+            Reason.MALFORMED,
+            Reason.TOO_LONG,
+            Reason.ALG_NOT_ALLOWED,
+            Reason.CRIT_HEADER,
+            Reason.BAD_TYP,
+            Reason.UNKNOWN_APP,
+            Reason.UNKNOWN_KID,
+            Reason.BAD_SIGNATURE,
+            Reason.NOT_YET_VALID,
+            Reason.LIFETIME_TOO_LONG,
+            Reason.ISSUER,
+            Reason.AUDIENCE,
+            Reason.MISSING_CLAIM,
+            Reason.CLAIM_MISMATCH,
+        )
+    },
+    Reason.MISSING: Outcome(401, 39, "TokenRequired", "A token is required.", ""),
+    Reason.EXPIRED: Outcome(401, 40, "TokenExpired", "The token has expired.", "invalid_token"),
+    **{
+        reason: _FORBIDDEN
+        for reason in (
+            Reason.APP_NOT_ALLOWED,
+            Reason.INSUFFICIENT_SCOPE,
+            Reason.ROUTE_MISSING_CLAIM,
+            Reason.BINDING_MISMATCH,
+        )
+    },
+    Reason.MULTIPLE_TOKENS: Outcome(
+        400, 38, "TokenInvalid", "The request carries more than one token.", "invalid_request"
+    ),
+    Reason.BAD_PATH: Outcome(400, 400, "BadRequest", "The request path is not acceptable.", None),
+    Reason.KEYS_UNAVAILABLE: Outcome(
+        503, 503, "KeysUnavailable", "The signing keys are not available yet.", None
+    ),
+    Reason.UPSTREAM_UNAVAILABLE: Outcome(
+        502, 502, "BadGateway", "The upstream service is unavailable.", None
+    ),
+    Reason.UPSTREAM_TIMEOUT: Outcome(
+        504, 504, "GatewayTimeout", "The upstream service timed out.", None
+    ),
+    Reason.INTERNAL: Outcome(
+        500, 500, "InternalError", "The proxy failed to handle the request.", None
+    ),
+}
+
+
+class Rejection(Exception):
+    """The request is answered with the contract's error for `reason` instead of forwarded."""
+
+    def __init__(
+        self,
+        reason: Reason,
+        detail: str = "",
+        *,
+        app: str = "",
+        retry_after: int | None = None,
+    ) -> None:
+        super().__init__(reason.value)
+        self.reason = reason
+        self.detail = detail or reason.value
+        self.app = app
+        self.retry_after = retry_after
+        self.path: str | None = None  # the normalised path, once known (for the access log)
+        self.route = ""  # the matched route's pattern, once known
+
+
+@dataclass(frozen=True, slots=True)
+class Problem:
+    """One thing wrong with a configuration, at a key path such as `apps[1].secrets[0]`."""
+
+    path: str
+    message: str
+
+    def render(self, file: str) -> str:
+        return f"{file}: {self.path}: {self.message}" if self.path else f"{file}: {self.message}"
+
+
+class ConfigError(Exception):
+    """A configuration that cannot be used; `problems` lists every one found."""
+
+    def __init__(self, problems: list[Problem], file: str) -> None:
+        super().__init__(f"{len(problems)} problem(s) in {file}")
+        self.problems = problems
+        self.file = file
+
+    def lines(self) -> list[str]:
+        return [problem.render(self.file) for problem in self.problems]

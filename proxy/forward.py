@@ -1,0 +1,425 @@
+"""The upstream side (SPEC §6): pooled keep-alive HTTP/1.1 connections, streamed both ways.
+
+    pool = UpstreamPool(config.upstream)                 # one per upstream per process
+    response = await pool.send(head, body=request.content, chunked=False)   # UpstreamError
+    async for chunk in response.body(): ...              # bounded memory
+    response.release()
+
+A small asyncio protocol on httptools (llhttp) parses responses; we only write requests.
+Failures before a response are translated once, here: refused, reset or DNS failure →
+`UpstreamError(upstream_unavailable)`, a connect or response-header timeout →
+`UpstreamError(upstream_timeout)`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import ssl
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httptools
+from aiohttp import web
+from multidict import CIMultiDict
+
+from .config import Upstream
+from .errors import Reason
+
+HIGH_WATER = 256 * 1024  # buffered response bytes before the upstream is paused
+LOW_WATER = 64 * 1024
+BODY_CHUNK = 64 * 1024
+
+
+class Traffic:
+    """What one exchange moved: body bytes each way, and the upstream's time to headers."""
+
+    __slots__ = ("bytes_in", "bytes_out", "upstream_seconds")
+
+    def __init__(self) -> None:
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.upstream_seconds: float | None = None
+
+
+class UpstreamError(Exception):
+    """The upstream failed before its response headers; `reason` says how."""
+
+    def __init__(self, reason: Reason, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
+        self.detail = detail
+
+
+class _Connection(asyncio.Protocol):
+    """One upstream connection; parses one response per request with a fresh parser."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self.error: BaseException | None = None
+        self._can_write = asyncio.Event()
+        self._can_write.set()
+        self._reset()
+
+    def _reset(self) -> None:
+        self.parser: Any = httptools.HttpResponseParser(self)
+        self.status = 0
+        self.reason = b""
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.chunks: collections.deque[bytes] = collections.deque()
+        self.buffered = 0
+        self.complete = False
+        self.started = False  # any response byte seen
+        self.keep_alive = False
+        self.head_only = False
+        self._framed = False  # Content-Length or chunked: the end is known without EOF
+        self._waiter: asyncio.Future[None] | None = None
+        self._interim = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.started = True
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError as error:
+            self._fail(ConnectionError(f"invalid response ({type(error).__name__})"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        self.pool.forget(self)
+        if not self.complete:
+            if self.head.done() and not self._framed and not self.head_only:
+                self.on_message_complete()  # a body delimited by the connection's close
+            else:
+                self._fail(exc or ConnectionResetError("upstream closed the connection"))
+        self._can_write.set()
+
+    def pause_writing(self) -> None:
+        self._can_write.clear()
+
+    def resume_writing(self) -> None:
+        self._can_write.set()
+
+    # httptools callbacks
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        status = self.parser.get_status_code()
+        if 100 <= status < 200 and status != 101:
+            self._interim = True  # 100 Continue and friends: wait for the final response
+            self.headers = []
+            self.reason = b""
+            return
+        self.status = status
+        self.keep_alive = self.parser.should_keep_alive()
+        self._framed = status in (204, 304) or any(
+            name.lower() in (b"content-length", b"transfer-encoding") for name, _ in self.headers
+        )
+        if not self.head.done():
+            self.head.set_result(None)
+        if self.head_only:
+            self.keep_alive = False  # the parser would wait for a body a HEAD never gets
+            self.on_message_complete()
+
+    def on_body(self, body: bytes) -> None:
+        self.chunks.append(body)
+        self.buffered += len(body)
+        if self.buffered > HIGH_WATER and self.transport is not None:
+            self.transport.pause_reading()
+        self._wake()
+
+    def on_message_complete(self) -> None:
+        if self._interim:
+            self._interim = False
+            return
+        if self.complete:
+            return
+        self.complete = True
+        self._wake()
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    def _fail(self, error: BaseException) -> None:
+        self.error = error
+        if not self.head.done():
+            self.head.set_exception(error)
+            self.head.exception()  # retrieved by send(); silence "never retrieved"
+        self._wake()
+        if self.transport is not None:
+            self.transport.close()
+
+    def body_sent(self, sender: asyncio.Future[None]) -> None:
+        """A request body that could not be sent whole leaves the connection unusable."""
+        if sender.cancelled() or sender.exception() is not None:
+            self.keep_alive = False
+            if not self.complete:
+                self._fail(ConnectionResetError("the request body was cut short"))
+
+    # used by UpstreamPool / Response
+    def write(self, data: bytes) -> None:
+        if self.transport is None or self.closed:
+            raise ConnectionResetError("upstream connection closed")
+        self.transport.write(data)
+
+    async def drain(self) -> None:
+        await self._can_write.wait()
+        if self.closed:
+            raise ConnectionResetError("upstream connection closed")
+
+    async def next_chunk(self) -> bytes | None:
+        while True:
+            if self.chunks:
+                chunk = self.chunks.popleft()
+                self.buffered -= len(chunk)
+                if self.buffered < LOW_WATER and self.transport is not None:
+                    self.transport.resume_reading()
+                return chunk
+            if self.complete:
+                return None
+            if self.error is not None:
+                raise self.error
+            self._waiter = asyncio.get_running_loop().create_future()
+            await self._waiter
+            self._waiter = None
+
+    def close(self) -> None:
+        self.closed = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+class Response:
+    """An upstream response whose headers arrived; the body streams from `body()`."""
+
+    def __init__(self, connection: _Connection, pool: UpstreamPool) -> None:
+        self._connection = connection
+        self._pool = pool
+        self.status = connection.status
+        self.reason = connection.reason.decode("latin-1")
+        self.headers = connection.headers
+        self.sender: asyncio.Task[None] | None = None
+        self._done = False
+
+    @property
+    def complete(self) -> bool:
+        """True when the whole body has already arrived."""
+        return self._connection.complete and self._connection.error is None
+
+    def buffered_body(self) -> bytes:
+        """The whole body, when `complete`."""
+        chunks = self._connection.chunks
+        body = b"".join(chunks)
+        chunks.clear()
+        return body
+
+    async def body(self) -> AsyncIterator[bytes]:
+        while (chunk := await self._connection.next_chunk()) is not None:
+            yield chunk
+
+    def release(self) -> None:
+        """Return the connection to the pool when it can carry another request."""
+        if self._done:
+            return
+        self._done = True
+        connection = self._connection
+        if self.sender is not None and not self.sender.done():
+            self.sender.cancel()
+            connection.close()
+        elif connection.complete and connection.keep_alive and not connection.closed:
+            self._pool.put(connection)
+        else:
+            connection.close()
+        self._pool.slots.release()
+
+    def abort(self) -> None:
+        """Close the connection: the exchange did not finish."""
+        if self._done:
+            return
+        self._done = True
+        self._connection.keep_alive = False
+        self._connection.close()
+        if self.sender is not None:
+            self.sender.cancel()
+        self._pool.slots.release()
+
+
+class UpstreamPool:
+    """Keep-alive connections to one upstream, at most `max_connections` at a time."""
+
+    def __init__(self, upstream: Upstream) -> None:
+        self.upstream = upstream
+        self.idle: collections.deque[_Connection] = collections.deque()
+        self.slots = asyncio.Semaphore(upstream.max_connections)
+        self.ssl: ssl.SSLContext | None = None
+        if upstream.scheme == "https":
+            self.ssl = ssl.create_default_context()
+            if upstream.ca_file:
+                self.ssl.load_verify_locations(upstream.ca_file)
+
+    def forget(self, connection: _Connection) -> None:
+        with contextlib.suppress(ValueError):
+            self.idle.remove(connection)
+
+    def put(self, connection: _Connection) -> None:
+        connection._reset()
+        self.idle.append(connection)
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        up = self.upstream
+        try:
+            async with asyncio.timeout(up.connect_timeout):
+                if up.socket_path is not None:
+                    _, protocol = await loop.create_unix_connection(
+                        lambda: _Connection(self), up.socket_path
+                    )
+                else:
+                    _, protocol = await loop.create_connection(
+                        lambda: _Connection(self),
+                        up.host,
+                        up.port,
+                        ssl=self.ssl,
+                        server_hostname=up.host if self.ssl else None,
+                    )
+        except TimeoutError:
+            raise UpstreamError(Reason.UPSTREAM_TIMEOUT, "connect timed out") from None
+        except (OSError, ssl.SSLError) as error:
+            raise UpstreamError(
+                Reason.UPSTREAM_UNAVAILABLE, f"connect failed ({type(error).__name__})"
+            ) from None
+        return protocol
+
+    async def send(
+        self,
+        head: bytes,
+        body: Any = None,
+        chunked: bool = False,
+        head_only: bool = False,
+        traffic: Traffic | None = None,
+    ) -> Response:
+        """Send a request head (and stream `body`, an aiohttp StreamReader); await the head."""
+        try:
+            async with asyncio.timeout(self.upstream.timeout):
+                await self.slots.acquire()
+        except TimeoutError:
+            raise UpstreamError(Reason.UPSTREAM_TIMEOUT, "no free upstream connection") from None
+        try:
+            return await self._send(head, body, chunked, head_only, traffic or Traffic())
+        except BaseException:
+            self.slots.release()
+            raise
+
+    async def _send(
+        self, head: bytes, body: Any, chunked: bool, head_only: bool, traffic: Traffic
+    ) -> Response:
+        for attempt in range(2):
+            reused = bool(self.idle)
+            connection = self.idle.pop() if reused else await self._connect()
+            connection.head_only = head_only
+            sender = None
+            try:
+                connection.write(head)
+                if body is not None:
+                    sender = asyncio.ensure_future(_send_body(connection, body, chunked, traffic))
+                    sender.add_done_callback(connection.body_sent)
+                async with asyncio.timeout(self.upstream.timeout):
+                    await connection.head
+            except BaseException as error:
+                connection.close()
+                if sender is not None:
+                    sender.cancel()
+                if isinstance(error, TimeoutError):
+                    raise UpstreamError(
+                        Reason.UPSTREAM_TIMEOUT, "no response head in time"
+                    ) from None
+                if not isinstance(error, ConnectionError | OSError):
+                    raise
+                # A kept-alive connection the upstream closed meanwhile: one fresh try, when
+                # nothing of a body had to be replayed.
+                if reused and body is None and not connection.started and attempt == 0:
+                    continue
+                raise UpstreamError(
+                    Reason.UPSTREAM_UNAVAILABLE, f"connection failed ({type(error).__name__})"
+                ) from None
+            response = Response(connection, self)
+            response.sender = sender
+            return response
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def close(self) -> None:
+        while self.idle:
+            self.idle.pop().close()
+
+
+async def _send_body(connection: _Connection, body: Any, chunked: bool, traffic: Traffic) -> None:
+    """Stream a request body upstream, re-chunked when it came chunked."""
+    while chunk := await body.readany():
+        traffic.bytes_in += len(chunk)
+        if chunked:
+            connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
+        else:
+            connection.write(chunk)
+        await connection.drain()
+    if chunked:
+        connection.write(b"0\r\n\r\n")
+
+
+async def exchange(
+    request: web.BaseRequest,
+    pool: UpstreamPool,
+    head: bytes,
+    headers_out: Callable[[list[tuple[bytes, bytes]]], CIMultiDict[str]],
+    traffic: Traffic,
+    *,
+    on_broken: Callable[[str], None],
+) -> web.StreamResponse:
+    """Forward one request and stream the upstream's response back to the client."""
+    has_body = request.body_exists
+    chunked = has_body and request.content_length is None
+    if has_body and request.headers.get("Expect", "").lower() == "100-continue":
+        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+    head_only = request.method == "HEAD"
+    started = asyncio.get_running_loop().time()
+    response = await pool.send(
+        head, request.content if has_body else None, chunked, head_only, traffic
+    )
+    traffic.upstream_seconds = asyncio.get_running_loop().time() - started
+    try:
+        headers = headers_out(response.headers)
+        if response.complete and not head_only and response.status not in (204, 304):
+            body = response.buffered_body()
+            headers.popall("Content-Length", None)
+            response.release()
+            traffic.bytes_out = len(body)
+            return web.Response(
+                status=response.status, reason=response.reason, headers=headers, body=body
+            )
+        out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
+        await out.prepare(request)
+        try:
+            async for chunk in response.body():
+                await out.write(chunk)
+                traffic.bytes_out += len(chunk)
+        except (ConnectionError, OSError) as error:
+            if request.transport is None or request.transport.is_closing():
+                raise  # the client went away: nothing to tell it
+            on_broken(f"upstream failed mid-response ({type(error).__name__})")
+            request.transport.close()  # the client must see a cut, not a complete body
+            return out
+        response.release()
+        return out
+    finally:
+        response.abort()

@@ -1,0 +1,175 @@
+"""Key material: JWS algorithms, PEM and JWK parsing into ready key objects, thumbprints.
+
+    key = load_pem_public(pem_bytes, source="public_keys[0]")   # raises KeyMaterialError
+    keys, skipped = parse_jwks(document, source="jwks_url")      # (VerifyKey, ...), [reasons]
+    key.fits("RS256")                                           # RSA key, RS/PS algorithms
+
+Parsing happens once per load or fetch; the request path only sees `VerifyKey` objects. All
+JOSE crypto and JWK decoding is PyJWT's and cryptography's. Error messages name what is wrong,
+never the key material (PyJWT's own messages can hold a whole JWK, so they are not passed on).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from jwt.algorithms import Algorithm, get_default_algorithms
+from jwt.exceptions import PyJWTError
+
+# Smallest HMAC key per algorithm: the hash size (RFC 7518 §3.2).
+HS_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
+ASYMMETRIC = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+SUPPORTED = frozenset(HS_MIN_BYTES) | ASYMMETRIC
+# Every JWS algorithm registered with IANA: anything else in `alg` is not a JWS algorithm.
+JWS_ALGORITHMS = SUPPORTED | {"ES256K", "Ed25519", "Ed448"}
+ALGORITHMS: dict[str, Algorithm] = {
+    name: alg for name, alg in get_default_algorithms().items() if name in SUPPORTED
+}
+MIN_RSA_BITS = 2048
+_CURVES = {"ES256": "secp256r1", "ES384": "secp384r1", "ES512": "secp521r1"}
+_JWK_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
+PublicKey = (
+    rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
+)
+
+
+class KeyMaterialError(ValueError):
+    """Key material that cannot be used; the message never holds the material."""
+
+
+@dataclass(frozen=True, slots=True)
+class VerifyKey:
+    """A public key ready for PyJWT, with the JWK attributes selection needs."""
+
+    key: PublicKey = field(repr=False)
+    kid: str | None
+    alg: str | None  # the JWK's `alg`, when it names one
+    source: str  # where it came from, for `inspect` and logs: "public_keys[0]", "jwks_url"
+
+    def fits(self, alg: str) -> bool:
+        """True when this key can verify `alg` (and the JWK's own `alg` allows it)."""
+        if self.alg is not None and self.alg != alg:
+            return False
+        return key_fits(self.key, alg)
+
+
+def key_fits(key: Any, alg: str) -> bool:
+    """True when the key's type and curve are the ones `alg` uses."""
+    if alg.startswith(("RS", "PS")):
+        return isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey)
+    if alg in _CURVES:
+        return (
+            isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey)
+            and key.curve.name == _CURVES[alg]
+        )
+    if alg == "EdDSA":
+        return isinstance(
+            key,
+            ed25519.Ed25519PublicKey
+            | ed448.Ed448PublicKey
+            | ed25519.Ed25519PrivateKey
+            | ed448.Ed448PrivateKey,
+        )
+    return False
+
+
+def check_public(key: Any) -> PublicKey:
+    """The key as a public key of a supported type, RSA at least 2048 bits."""
+    if not isinstance(key, PublicKey):
+        raise KeyMaterialError("is not an RSA, EC or Ed25519/Ed448 public key")
+    if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
+        raise KeyMaterialError(f"is an RSA key under {MIN_RSA_BITS} bits")
+    if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _JWK_CURVES:
+        raise KeyMaterialError("is an EC key on a curve no JWS algorithm here uses")
+    return key
+
+
+def load_pem_public(data: bytes, source: str) -> VerifyKey:
+    """A PEM public key or X.509 certificate as a `VerifyKey` without a `kid`."""
+    try:
+        if b"-----BEGIN CERTIFICATE-----" in data:
+            key: Any = x509.load_pem_x509_certificate(data).public_key()
+        else:
+            key = load_pem_public_key(data)
+    except (ValueError, TypeError):
+        raise KeyMaterialError("is not a PEM public key or certificate") from None
+    except Exception:  # cryptography raises UnsupportedAlgorithm for exotic keys
+        raise KeyMaterialError("is not a PEM public key or certificate") from None
+    return VerifyKey(check_public(key), None, None, source)
+
+
+_FAMILIES = {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}
+
+
+def from_jwk(jwk: Any, source: str, private_ok: bool = False) -> VerifyKey:
+    """One JWK (a dict) as a `VerifyKey`; a private JWK is refused unless `private_ok`."""
+    if not isinstance(jwk, dict):
+        raise KeyMaterialError("is not a JSON object")
+    kid = jwk.get("kid")
+    if kid is not None and not isinstance(kid, str):
+        raise KeyMaterialError("has a kid that is not a string")
+    alg = jwk.get("alg")
+    if alg is not None and alg not in ASYMMETRIC:
+        raise KeyMaterialError("has an alg that is not an asymmetric JWS algorithm")
+    use = jwk.get("use")
+    if use is not None and use != "sig":
+        raise KeyMaterialError("has a use other than sig")
+    family = _FAMILIES.get(jwk.get("kty"))  # type: ignore[arg-type]
+    if family is None:
+        raise KeyMaterialError("has a kty other than RSA, EC or OKP")
+    if "d" in jwk and not private_ok:
+        raise KeyMaterialError("holds a private key (publish the public key only)")
+    try:
+        key = ALGORITHMS[family].from_jwk(jwk)
+    except (PyJWTError, ValueError, TypeError, KeyError):
+        raise KeyMaterialError("is not a valid JWK") from None
+    if hasattr(key, "public_key"):
+        key = key.public_key()
+    checked = check_public(key)
+    if alg is not None and not key_fits(checked, alg):
+        raise KeyMaterialError("has an alg that does not fit its key type")
+    return VerifyKey(checked, kid, alg, source)
+
+
+def parse_jwks(document: Any, source: str) -> tuple[list[VerifyKey], list[str]]:
+    """The usable keys of a JWKS document, and one line per key skipped (index and why)."""
+    if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+        raise KeyMaterialError("is not a JWKS document (an object with a keys list)")
+    keys: list[VerifyKey] = []
+    skipped: list[str] = []
+    for index, jwk in enumerate(document["keys"]):
+        try:
+            keys.append(from_jwk(jwk, source))
+        except KeyMaterialError as error:
+            skipped.append(f"keys[{index}] {error}")
+    return keys, skipped
+
+
+def public_jwk(key: PublicKey) -> dict[str, str]:
+    """The public JWK members of a key (RFC 7517), without `kid`."""
+    family = (
+        "RS256"
+        if isinstance(key, rsa.RSAPublicKey)
+        else "ES256"
+        if isinstance(key, ec.EllipticCurvePublicKey)
+        else "EdDSA"
+    )
+    jwk: dict[str, str] = ALGORITHMS[family].to_jwk(key, as_dict=True)
+    return {k: v for k, v in jwk.items() if k in ("kty", "n", "e", "crv", "x", "y")}
+
+
+def thumbprint(key: PublicKey) -> str:
+    """The RFC 7638 SHA-256 thumbprint of a public key, base64url without padding."""
+    members = public_jwk(key)
+    canonical = json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
+    digest = hashlib.sha256(canonical).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()

@@ -1,0 +1,247 @@
+"""Running the proxy: listeners, signals, reload, drain, readiness (SPEC §7).
+
+    overrides = Overrides(listen="127.0.0.1:8080")
+    runtime = Runtime(lambda: load_with_overrides(path, overrides), path)
+    exit_code = asyncio.run(runtime.run())      # until SIGTERM/SIGINT
+
+`SIGHUP` reloads the file: a valid config is swapped in atomically (new JWKS URLs fetched
+first), an invalid one is logged and the old one keeps serving. `SIGTERM`/`SIGINT` drain:
+`/readyz` turns 503, the listener closes, in-flight requests finish (up to
+`shutdown_timeout`), idle keep-alive connections close, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import ssl
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from aiohttp import web
+
+from . import __version__
+from .app import Proxy, Resources, State, admin_app, make_server, registry_metrics
+from .config import Config, Listen, load
+from .errors import ConfigError
+from .telemetry import Log, Metrics
+from .token_service import TokenService
+
+
+@dataclass(frozen=True, slots=True)
+class Overrides:
+    """Command-line flags that override the file."""
+
+    listen: str | None = None
+    upstream: str | None = None
+    log_level: str | None = None
+
+    def apply(self, tree: dict[str, Any]) -> None:
+        if self.listen is not None:
+            tree["listen"] = self.listen
+        if self.upstream is not None:
+            upstream = tree.get("upstream")
+            tree["upstream"] = {
+                **(upstream if isinstance(upstream, dict) else {}),
+                "url": self.upstream,
+            }
+        if self.log_level is not None:
+            log = tree.get("log")
+            tree["log"] = {**(log if isinstance(log, dict) else {}), "level": self.log_level}
+
+
+def load_with_overrides(path: str, overrides: Overrides) -> Config:
+    return load(path, adjust=overrides.apply)
+
+
+class _LogBridge(logging.Handler):
+    """Python logging into our JSON lines; aiohttp's own texts are dropped (they echo requests)."""
+
+    def __init__(self, log: Log) -> None:
+        super().__init__(logging.WARNING)
+        self.log = log
+
+    def emit(self, record: logging.LogRecord) -> None:
+        fields: dict[str, Any] = {"logger": record.name}
+        if not record.name.startswith("aiohttp"):
+            fields["message"] = record.getMessage()[:500]
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["error"] = record.exc_info[0].__name__
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        self.log.event(level, "python_log", **fields)
+
+
+def make_socket(listen: Listen, reuse_port: bool = False) -> socket.socket:
+    """A listening TCP socket (SO_REUSEPORT when several workers share the port)."""
+    family = socket.AF_INET6 if ":" in listen.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((listen.host, listen.port))
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+class Runtime:
+    """One serving process: the main listener, the admin listener, signals."""
+
+    def __init__(
+        self,
+        source: Callable[[], Config],
+        label: str,
+        *,
+        log: Log | None = None,
+        metrics: Metrics | None = None,
+        admin: bool = True,
+        reuse_port: bool = False,
+        on_ready: Callable[[], None] | None = None,
+        status_file: str | None = None,
+    ) -> None:
+        self.source = source
+        self.label = label
+        self.log = log or Log()
+        self.metrics = metrics or Metrics()
+        self.serve_admin = admin
+        self.reuse_port = reuse_port
+        self.on_ready = on_ready
+        self.status_file = status_file
+        self.draining = False
+        self.stopped = asyncio.Event()
+        self._reload_lock = asyncio.Lock()
+        self.proxy: Proxy | None = None
+        self.tls: ssl.SSLContext | None = None
+
+    def readiness(self) -> list[str]:
+        """What keeps /readyz from 200: nothing when loaded, keyed and not draining."""
+        if self.draining:
+            return ["draining"]
+        if self.proxy is None:
+            return ["config"]
+        return self.proxy.state.ready(self.proxy.clock())
+
+    async def run(self) -> int:
+        try:
+            config = self.source()
+        except ConfigError as error:
+            for line in error.lines():
+                print(line, file=sys.stderr)
+            return 2
+        self.log.set_level(config.log_level)
+        logging.getLogger().addHandler(_LogBridge(self.log))
+        resources = Resources(self.metrics, self.log)
+        state = await resources.prepare(config)
+        scheme = "https" if config.tls else "http"
+        if config.tls:
+            self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+            self.tls.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+        self.proxy = Proxy(state, resources, scheme=scheme)
+        resources.activate(state)
+        proxy = self.proxy
+        self.proxy.service = TokenService(lambda: proxy.state, self.metrics, proxy.clock).handle
+        server = make_server(self.proxy.handle, config, self.log)
+        runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
+        await runner.setup()
+        try:
+            sock = make_socket(config.listen, self.reuse_port)
+        except OSError as error:
+            print(
+                f"{self.label}: listen: cannot listen on {config.listen} ({error.strerror})",
+                file=sys.stderr,
+            )
+            await runner.cleanup()
+            await resources.close()
+            return 2
+        site = web.SockSite(runner, sock, ssl_context=self.tls)
+        await site.start()
+        admin_runner = None
+        if self.serve_admin and config.admin_listen is not None:
+            admin_runner = web.AppRunner(
+                admin_app(self.readiness, registry_metrics(self.metrics)), access_log=None
+            )
+            await admin_runner.setup()
+            await web.TCPSite(
+                admin_runner, config.admin_listen.host, config.admin_listen.port
+            ).start()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, self.stopped.set)
+        self.log.event(
+            "info",
+            "start",
+            version=__version__,
+            listen=str(config.listen),
+            admin=str(config.admin_listen) if config.admin_listen else None,
+            upstream=config.upstream.url,
+            apps=len(config.apps),
+            routes=len(config.routes),
+        )
+        if self.on_ready:
+            self.on_ready()
+        status = asyncio.ensure_future(self._report_status()) if self.status_file else None
+        await self.stopped.wait()
+        self.draining = True
+        self.log.event("info", "shutdown", phase="draining", timeout=config.shutdown_timeout)
+        if status is not None:
+            status.cancel()
+            self._write_status()
+        timeout = self.proxy.state.config.shutdown_timeout
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout + 5):
+                await runner.cleanup()
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        await resources.close()
+        self.log.event("info", "shutdown", phase="done")
+        return 0
+
+    async def _report_status(self) -> None:
+        """A worker's readiness for its supervisor, rewritten when it changes."""
+        while True:
+            self._write_status()
+            await asyncio.sleep(0.5)
+
+    def _write_status(self) -> None:
+        from .workers import write_status
+
+        readiness = self.readiness()
+        if self.status_file and readiness != getattr(self, "_last_status", None):
+            self._last_status = readiness
+            with contextlib.suppress(OSError):
+                write_status(self.status_file, readiness)
+
+    async def reload(self) -> None:
+        """Swap in the file's current config, or keep the old one and log why not."""
+        async with self._reload_lock:
+            proxy = self.proxy
+            if proxy is None or self.draining:
+                return
+            old = proxy.state.config
+            try:
+                config = self.source()
+            except ConfigError as error:
+                self.metrics.reloads.labels("error").inc()
+                self.log.event("error", "reload", result="error", problems=error.lines())
+                return
+            state: State = await proxy.resources.prepare(config)
+            proxy.swap(state)
+            self.log.set_level(config.log_level)
+            notes = []
+            if config.listen != old.listen or config.admin_listen != old.admin_listen:
+                notes.append("listen and admin_listen changes need a restart")
+            if config.token.max_length != old.token.max_length:
+                notes.append("header size limits are fixed at start")
+            if self.tls is not None and config.tls is not None:
+                try:
+                    self.tls.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+                except (OSError, ssl.SSLError):
+                    notes.append("the new TLS certificate could not be loaded")
+            self.metrics.reloads.labels("ok").inc()
+            self.log.event("info", "reload", result="ok", notes=notes)

@@ -1,0 +1,155 @@
+"""WebSocket relay (SPEC §6): frames both ways, close codes passed on, closed at `exp`.
+
+    if is_websocket(request):
+        return await relay(request, clients, upstream, target, headers, expires_in=...)
+
+The handshake was authenticated like any request before this runs. The upstream side is an
+aiohttp client WebSocket on a session per upstream; when the token's `exp` + `leeway` passes,
+both sides are closed with 1008 (policy violation).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+
+import aiohttp
+from aiohttp import WSCloseCode, WSMsgType, web
+from multidict import CIMultiDict
+
+from .config import Upstream
+from .errors import Reason
+from .forward import UpstreamError
+
+POLICY_VIOLATION = 1008
+# Handshake headers each side makes for itself.
+_HANDSHAKE = frozenset(
+    {
+        "sec-websocket-key",
+        "sec-websocket-version",
+        "sec-websocket-extensions",
+        "sec-websocket-protocol",
+        "sec-websocket-accept",
+    }
+)
+
+
+def is_websocket(request: web.BaseRequest) -> bool:
+    return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
+
+
+class WebSocketClients:
+    """One aiohttp ClientSession per upstream, made on first use."""
+
+    def __init__(self) -> None:
+        self._sessions: dict[Upstream, aiohttp.ClientSession] = {}
+
+    def session(self, upstream: Upstream) -> aiohttp.ClientSession:
+        session = self._sessions.get(upstream)
+        if session is None or session.closed:
+            connector: aiohttp.BaseConnector
+            if upstream.socket_path is not None:
+                connector = aiohttp.UnixConnector(path=upstream.socket_path)
+            else:
+                context = ssl.create_default_context() if upstream.scheme == "https" else None
+                if context is not None and upstream.ca_file:
+                    context.load_verify_locations(upstream.ca_file)
+                connector = aiohttp.TCPConnector(ssl=context if context is not None else False)
+            session = aiohttp.ClientSession(
+                connector=connector, skip_auto_headers=("User-Agent",), auto_decompress=False
+            )
+            self._sessions[upstream] = session
+        return session
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            await session.close()
+        self._sessions.clear()
+
+
+def upstream_url(upstream: Upstream, target: str) -> str:
+    scheme = "wss" if upstream.scheme == "https" else "ws"
+    return f"{scheme}://{upstream.host_header}{upstream.base_path}{target}"
+
+
+async def relay(
+    request: web.BaseRequest,
+    clients: WebSocketClients,
+    upstream: Upstream,
+    target: str,
+    headers: list[tuple[bytes, bytes]],
+    expires_in: float | None,
+) -> web.WebSocketResponse:
+    """Open the upstream WebSocket, accept the client's, relay until one side closes."""
+    forwarded: CIMultiDict[str] = CIMultiDict()
+    for name, value in headers:
+        text = name.decode("latin-1")
+        if text.lower() not in _HANDSHAKE and text.lower() != "host":
+            forwarded.add(text, value.decode("utf-8", "replace"))
+    protocols = [
+        p.strip()
+        for line in request.headers.getall("Sec-WebSocket-Protocol", ())
+        for p in line.split(",")
+        if p.strip()
+    ]
+    timeout = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10)
+    try:
+        async with asyncio.timeout(upstream.connect_timeout + upstream.timeout):
+            remote = await clients.session(upstream).ws_connect(
+                upstream_url(upstream, target),
+                headers=forwarded,
+                protocols=protocols,
+                timeout=timeout,
+                autoping=True,
+                max_msg_size=0,
+            )
+    except TimeoutError:
+        raise UpstreamError(Reason.UPSTREAM_TIMEOUT, "WebSocket handshake timed out") from None
+    except (aiohttp.ClientError, OSError) as error:
+        raise UpstreamError(
+            Reason.UPSTREAM_UNAVAILABLE, f"WebSocket handshake failed ({type(error).__name__})"
+        ) from None
+    local = web.WebSocketResponse(
+        protocols=(remote.protocol,) if remote.protocol else (), max_msg_size=0
+    )
+    await local.prepare(request)
+    expiry = None
+    if expires_in is not None:
+        expiry = asyncio.get_running_loop().call_later(
+            max(0.0, expires_in),
+            lambda: asyncio.ensure_future(_close_both(local, remote, POLICY_VIOLATION)),
+        )
+    try:
+        await asyncio.gather(_pump(local, remote), _pump(remote, local))
+    finally:
+        if expiry is not None:
+            expiry.cancel()
+        await _close_both(local, remote, WSCloseCode.GOING_AWAY)
+    return local
+
+
+Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
+
+
+async def _pump(source: Socket, sink: Socket) -> None:
+    """Relay frames from one side to the other; pass the close code on."""
+    async for message in source:
+        if sink.closed:
+            break
+        with contextlib.suppress(ConnectionError):
+            if message.type is WSMsgType.TEXT:
+                await sink.send_str(message.data)
+            elif message.type is WSMsgType.BINARY:
+                await sink.send_bytes(message.data)
+    if not sink.closed:
+        code = source.close_code or WSCloseCode.OK
+        with contextlib.suppress(ConnectionError):
+            await sink.close(code=code)
+
+
+async def _close_both(local: Socket, remote: Socket, code: int) -> None:
+    for side in (local, remote):
+        if not side.closed:
+            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+                await side.close(code=code)
