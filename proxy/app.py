@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.http_exceptions import LineTooLong
+from aiohttp.http_exceptions import InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -448,7 +448,12 @@ class _QuietHandler(RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
-        log: Log | None = getattr(self._manager, "log", None)
+        manager = self._manager
+        log: Log | None = getattr(manager, "log", None)
+        if isinstance(exc, InvalidURLError) and isinstance(manager, Server):
+            response = manager.bad_path()  # a target that is not a path: the contract's answer
+            response.force_close()
+            return response
         if isinstance(exc, LineTooLong):
             status, body = 431, _TOO_LARGE
         elif status == 400:
@@ -468,20 +473,29 @@ class _QuietHandler(RequestHandler):
 class Server(web.Server):
     """aiohttp's low-level server with `_QuietHandler` connections."""
 
-    def __init__(self, handler: Handler, log: Log, **kwargs: Any) -> None:
+    def __init__(
+        self, handler: Handler, log: Log, bad_path: Callable[[], web.Response], **kwargs: Any
+    ) -> None:
         super().__init__(handler, **kwargs)
         self.log = log
+        self.bad_path = bad_path
 
     def __call__(self) -> RequestHandler:
         return _QuietHandler(self, loop=self._loop, **self._kwargs)
 
 
-def make_server(handler: Handler, config: Config, log: Log) -> Server:
+def make_server(proxy: Proxy, config: Config) -> Server:
     """The main listener's server: header limits fixed from `max_length` at start."""
     limit = max(8190, config.token.max_length + 1024)
+
+    def bad_path() -> web.Response:
+        rid_name = proxy.state.config.forward.request_id_header
+        return proxy.state.errors.response(Reason.BAD_PATH, rid_name, request_id(None))
+
     return Server(
-        handler,
-        log,
+        proxy.handle,
+        proxy.log,
+        bad_path,
         max_line_size=limit,
         max_field_size=limit,
         access_log=None,

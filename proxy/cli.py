@@ -27,7 +27,7 @@ from .config import Config, default_path, load
 from .errors import CONTRACT, ConfigError, Rejection
 from .mint import MintError, claim_value, keygen, mint
 from .model import RequestView
-from .runtime import Overrides, Runtime, load_with_overrides
+from .runtime import STATUS_ENV, Overrides, Runtime, load_with_overrides
 from .telemetry import Log, Metrics
 
 
@@ -121,7 +121,7 @@ def _serve(args: argparse.Namespace) -> int:
         from .workers import supervise
 
         return supervise(path, overrides, args.workers)
-    status = os.environ.get("TOKEN_PROXY_WORKER_STATUS")  # set by the supervisor
+    status = os.environ.get(STATUS_ENV)
     runtime = Runtime(
         lambda: load_with_overrides(path, overrides),
         path,

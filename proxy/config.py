@@ -546,8 +546,11 @@ class _Builder:
             app = self.app(item, path)
             if app is None:
                 continue
-            if app.id in ids or (service and app.id == TOKEN_SERVICE_APP):
-                self.problems.append(Problem(f"{path}.id", "is used twice (or is reserved)"))
+            if app.id in ids:
+                self.problems.append(Problem(f"{path}.id", "is used by another app"))
+                continue
+            if service and app.id == TOKEN_SERVICE_APP:
+                self.problems.append(Problem(f"{path}.id", "is reserved for the token service"))
             ids.add(app.id)
             if app.match_claim is None:
                 catch_all += 1

@@ -133,6 +133,8 @@ class _Connection(asyncio.Protocol):
             self.on_message_complete()
 
     def on_body(self, body: bytes) -> None:
+        if self.complete:
+            return  # a body after a HEAD response: not ours to pass on
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and self.transport is not None:
@@ -409,6 +411,9 @@ async def exchange(
             )
         out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
         await out.prepare(request)
+        if head_only:
+            response.release()
+            return out
         try:
             async for chunk in response.body():
                 await out.write(chunk)

@@ -14,13 +14,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
+import os
 import signal
 import socket
 import ssl
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -57,6 +60,16 @@ class Overrides:
 
 def load_with_overrides(path: str, overrides: Overrides) -> Config:
     return load(path, adjust=overrides.apply)
+
+
+STATUS_ENV = "TOKEN_PROXY_WORKER_STATUS"  # set by the supervisor for each worker
+
+
+def write_status(path: str, waiting_for: list[str]) -> None:
+    """A worker's readiness, replaced atomically for the supervisor to read."""
+    temporary = f"{path}.tmp"
+    Path(temporary).write_text(json.dumps({"waiting_for": waiting_for}))
+    os.replace(temporary, path)
 
 
 class _LogBridge(logging.Handler):
@@ -145,7 +158,7 @@ class Runtime:
         resources.activate(state)
         proxy = self.proxy
         self.proxy.service = TokenService(lambda: proxy.state, self.metrics, proxy.clock).handle
-        server = make_server(self.proxy.handle, config, self.log)
+        server = make_server(self.proxy, config)
         runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
         await runner.setup()
         try:
@@ -209,8 +222,6 @@ class Runtime:
             await asyncio.sleep(0.5)
 
     def _write_status(self) -> None:
-        from .workers import write_status
-
         readiness = self.readiness()
         if self.status_file and readiness != getattr(self, "_last_status", None):
             self._last_status = readiness

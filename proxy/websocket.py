@@ -114,42 +114,52 @@ async def relay(
         protocols=(remote.protocol,) if remote.protocol else (), max_msg_size=0
     )
     await local.prepare(request)
+    pair = _Pair(local, remote)
     expiry = None
     if expires_in is not None:
-        expiry = asyncio.get_running_loop().call_later(
-            max(0.0, expires_in),
-            lambda: asyncio.ensure_future(_close_both(local, remote, POLICY_VIOLATION)),
-        )
+        expiry = asyncio.get_running_loop().call_later(max(0.0, expires_in), pair.expire)
     try:
-        await asyncio.gather(_pump(local, remote), _pump(remote, local))
+        await asyncio.gather(pair.pump(local, remote), pair.pump(remote, local))
     finally:
         if expiry is not None:
             expiry.cancel()
-        await _close_both(local, remote, WSCloseCode.GOING_AWAY)
+        await pair.close_both(WSCloseCode.GOING_AWAY)
     return local
 
 
 Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
 
 
-async def _pump(source: Socket, sink: Socket) -> None:
-    """Relay frames from one side to the other; pass the close code on."""
-    async for message in source:
-        if sink.closed:
-            break
-        with contextlib.suppress(ConnectionError):
-            if message.type is WSMsgType.TEXT:
-                await sink.send_str(message.data)
-            elif message.type is WSMsgType.BINARY:
-                await sink.send_bytes(message.data)
-    if not sink.closed:
-        code = source.close_code or WSCloseCode.OK
-        with contextlib.suppress(ConnectionError):
-            await sink.close(code=code)
+class _Pair:
+    """The two sides of one relay; a close code forced on both wins over what a side says."""
 
+    def __init__(self, local: Socket, remote: Socket) -> None:
+        self.local = local
+        self.remote = remote
+        self.forced: int | None = None
+        self.closing: asyncio.Future[None] | None = None
 
-async def _close_both(local: Socket, remote: Socket, code: int) -> None:
-    for side in (local, remote):
-        if not side.closed:
-            with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-                await side.close(code=code)
+    def expire(self) -> None:
+        self.forced = POLICY_VIOLATION
+        self.closing = asyncio.ensure_future(self.close_both(POLICY_VIOLATION))
+
+    async def pump(self, source: Socket, sink: Socket) -> None:
+        """Relay frames from one side to the other; pass the close code on."""
+        async for message in source:
+            if sink.closed:
+                break
+            with contextlib.suppress(ConnectionError):
+                if message.type is WSMsgType.TEXT:
+                    await sink.send_str(message.data)
+                elif message.type is WSMsgType.BINARY:
+                    await sink.send_bytes(message.data)
+        if not sink.closed:
+            code = self.forced or source.close_code or WSCloseCode.OK
+            # shielded: the client hanging up right after its close frame cancels the handler
+            with contextlib.suppress(ConnectionError):
+                await asyncio.shield(sink.close(code=code))
+
+    async def close_both(self, code: int) -> None:
+        sides = [side for side in (self.remote, self.local) if not side.closed]
+        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+            await asyncio.gather(*(side.close(code=code) for side in sides))

@@ -25,18 +25,10 @@ from aiohttp import web
 
 from .config import Config
 from .errors import ConfigError
-from .runtime import Overrides, load_with_overrides
+from .runtime import STATUS_ENV, Overrides, load_with_overrides
 
-STATUS_ENV = "TOKEN_PROXY_WORKER_STATUS"
 MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_BACKOFF = 30.0
-
-
-def write_status(path: str, waiting_for: list[str]) -> None:
-    """A worker's readiness, replaced atomically for the supervisor to read."""
-    temporary = f"{path}.tmp"
-    Path(temporary).write_text(json.dumps({"waiting_for": waiting_for}))
-    os.replace(temporary, path)
 
 
 class Worker:

@@ -1,0 +1,378 @@
+"""The configuration file (SPEC §3): every rule refuses with the file and key path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from proxy.config import load
+from proxy.errors import ConfigError
+from tests.conftest import SECRET_B64, KeyFiles
+
+HS_APP = {"id": "a", "match": {}, "algorithms": ["HS256"], "secrets": [SECRET_B64]}
+BASE = {"upstream": {"url": "http://127.0.0.1:9000"}, "apps": [HS_APP]}
+
+
+def problems(
+    tmp_path: Path, data: dict[str, Any] | str, env: dict[str, str] | None = None
+) -> list[str]:
+    """The rendered problems of a config (empty when it loads)."""
+    path = tmp_path / "proxy.yaml"
+    path.write_text(data if isinstance(data, str) else yaml.safe_dump(data))
+    try:
+        load(str(path), env=env or {})
+    except ConfigError as error:
+        return error.lines()
+    return []
+
+
+def with_app(**fields: Any) -> dict[str, Any]:
+    app = {k: v for k, v in {**HS_APP, **fields}.items() if v is not None}
+    return {**BASE, "apps": [app]}
+
+
+def asym(keys: KeyFiles, **fields: Any) -> dict[str, Any]:
+    app = {"id": "idp", "match": {"claim": "iss", "value": "https://idp"}, "algorithms": ["RS256"]}
+    app.update(fields)
+    return {**BASE, "apps": [app]}
+
+
+RULES = [
+    pytest.param(lambda k: {**BASE, "listn": "x"}, "listn", "unknown key", id="unknown-key"),
+    pytest.param(
+        lambda k: with_app(algoritms=["HS256"]),
+        "apps[0].algoritms",
+        "unknown key",
+        id="unknown-nested-key",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "shutdown_timeout": "soon"},
+        "shutdown_timeout",
+        "number",
+        id="wrong-type",
+    ),
+    pytest.param(lambda k: {"apps": [HS_APP]}, "upstream", "required", id="no-upstream"),
+    pytest.param(lambda k: {**BASE, "upstream": {}}, "upstream.url", "required", id="no-url"),
+    pytest.param(
+        lambda k: {**BASE, "upstream": {"url": "ftp://x"}},
+        "upstream.url",
+        "http",
+        id="bad-url",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "apps": [HS_APP, HS_APP]},
+        "apps[1].id",
+        "another app",
+        id="duplicate-id",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "apps": [HS_APP, {**HS_APP, "id": "b", "match": {"value": "a"}}]},
+        "apps[1].match",
+        "same claim and value",
+        id="duplicate-match",
+    ),
+    pytest.param(
+        lambda k: {
+            **BASE,
+            "apps": [
+                with_app(match=None)["apps"][0],
+                {**with_app(match=None)["apps"][0], "id": "b"},
+            ],
+        },
+        "apps[1]",
+        "without match",
+        id="two-catch-alls",
+    ),
+    pytest.param(
+        lambda k: with_app(algorithms=[]),
+        "apps[0].algorithms",
+        "at least one",
+        id="empty-algorithms",
+    ),
+    pytest.param(
+        lambda k: with_app(algorithms=["HS999"]),
+        "apps[0].algorithms[0]",
+        "must be one of",
+        id="unknown-algorithm",
+    ),
+    pytest.param(
+        lambda k: with_app(algorithms=["NONE"]),
+        "apps[0].algorithms[0]",
+        "never accepted",
+        id="none-algorithm",
+    ),
+    pytest.param(
+        lambda k: with_app(algorithms=["HS256", "RS256"]),
+        "apps[0].algorithms",
+        "mixes",
+        id="mixed-algorithms",
+    ),
+    pytest.param(
+        lambda k: with_app(secrets=None), "apps[0].secrets", "required", id="hs-without-secrets"
+    ),
+    pytest.param(
+        lambda k: with_app(secrets=["!!not base64!!"]),
+        "apps[0].secrets[0]",
+        "base64",
+        id="invalid-base64",
+    ),
+    pytest.param(
+        lambda k: with_app(secrets=["c2hvcnQ="]),
+        "apps[0].secrets[0]",
+        "token-proxy keygen",
+        id="short-secret",
+    ),
+    pytest.param(
+        lambda k: with_app(algorithms=["HS512"], secrets=[SECRET_B64]),
+        "apps[0].secrets[0]",
+        "at least 64",
+        id="short-for-hs512",
+    ),
+    pytest.param(
+        lambda k: asym(k),
+        "apps[0]",
+        "public_keys, jwks_file or jwks_url",
+        id="asymmetric-without-keys",
+    ),
+    pytest.param(
+        lambda k: asym(k, public_keys=[k.path("ec.pub")]),
+        "apps[0].public_keys[0]",
+        "fits none",
+        id="key-type-does-not-fit",
+    ),
+    pytest.param(
+        lambda k: asym(k, public_keys=[k.path("rsa1024.pub")]),
+        "apps[0].public_keys[0]",
+        "2048",
+        id="small-rsa",
+    ),
+    pytest.param(
+        lambda k: asym(k, public_keys=["missing.pem"]),
+        "apps[0].public_keys[0]",
+        "cannot be read",
+        id="unreadable-key",
+    ),
+    pytest.param(
+        lambda k: asym(k, public_keys=[k.path("garbage.pem")]),
+        "apps[0].public_keys[0]",
+        "not a PEM",
+        id="unparsable-key",
+    ),
+    pytest.param(
+        lambda k: asym(k, jwks_url="http://idp.example/jwks"),
+        "apps[0].jwks_url",
+        "https",
+        id="jwks-url-not-https",
+    ),
+    pytest.param(
+        lambda k: asym(k, jwks_file="missing.json"),
+        "apps[0].jwks_file",
+        "cannot be read",
+        id="unreadable-jwks-file",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/a/*/b"}]},
+        "routes[0].path",
+        "last segment",
+        id="bad-pattern",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/a", "apps": ["nobody"]}]},
+        "routes[0].apps[0]",
+        "unknown app",
+        id="route-unknown-app",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/a", "upstream": "nowhere"}]},
+        "routes[0].upstream",
+        "unknown upstream",
+        id="route-unknown-upstream",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/u/{id}", "bind": {"userId": "path.userId"}}]},
+        "routes[0].bind.userId",
+        "parameter",
+        id="bind-to-missing-parameter",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/u/{id}", "bind": {"userId": "body.id"}}]},
+        "routes[0].bind.userId",
+        "path.NAME",
+        id="bind-malformed-source",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "token": {"sources": ["form:token"]}},
+        "token.sources[0]",
+        "kind",
+        id="unknown-source-kind",
+    ),
+    pytest.param(
+        lambda k: with_app(secrets=["${NOT_SET_ANYWHERE}"]),
+        "apps[0].secrets[0]",
+        "NOT_SET_ANYWHERE is not set",
+        id="unset-variable",
+    ),
+    pytest.param(lambda k: with_app(id=123), "apps[0].id", "string", id="numeric-id"),
+    pytest.param(
+        lambda k: with_app(match={"value": 5}),
+        "apps[0].match.value",
+        "string",
+        id="numeric-match-value",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "forward": {"token": "yes"}},
+        "forward.token",
+        "true or false",
+        id="yes-is-not-a-boolean",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "forward": {"identity_headers": {"Host": "sub"}}},
+        "forward.identity_headers.Host",
+        "manages",
+        id="identity-header-managed",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "upstreams": {"x": {"url": "http://h", "ca_file": "none.pem"}}},
+        "upstreams.x.ca_file",
+        "CA bundle",
+        id="bad-ca-file",
+    ),
+]
+
+
+@pytest.mark.parametrize(("make", "path", "message"), RULES)
+def test_each_rule_names_file_and_key_path(
+    tmp_path: Path, keys: KeyFiles, make: Any, path: str, message: str
+) -> None:
+    found = problems(tmp_path, make(keys))
+    prefix = f"{tmp_path / 'proxy.yaml'}: {path}: "
+    matching = [line for line in found if line.startswith(prefix)]
+    assert matching, found
+    assert any(message in line for line in matching), matching
+
+
+def test_jwks_file_rules(tmp_path: Path, keys: KeyFiles) -> None:
+    document = {
+        "keys": [
+            keys.jwk("rsa", kid="good", use="sig"),
+            keys.jwk("rsa2", kid="enc", use="enc"),
+            keys.jwk("rsa1024", kid="small"),
+            keys.jwk("ec", kid="wrong-alg", alg="RS256"),
+        ]
+    }
+    (tmp_path / "jwks.json").write_text(json.dumps(document))
+    found = problems(tmp_path, asym(keys, jwks_file="jwks.json"))
+    assert len(found) == 3
+    assert all(": apps[0].jwks_file: keys[" in line for line in found)
+
+
+def test_valid_asymmetric_sources_load(tmp_path: Path, keys: KeyFiles) -> None:
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [keys.jwk("rsa2", kid="k2")]}))
+    data = asym(
+        keys,
+        public_keys=[keys.path("rsa.pub"), keys.path("rsa.crt")],
+        jwks_file="jwks.json",
+        jwks_url="http://127.0.0.1:9/jwks",
+    )
+    assert problems(tmp_path, data) == []
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    data = {
+        "listn": 1,
+        "upstream": {"url": "http://127.0.0.1:9000"},
+        "apps": [{**HS_APP, "secrets": ["c2hvcnQ="]}, HS_APP],
+        "routes": [{"path": "nope"}, {"path": "/a", "apps": ["ghost"]}],
+    }
+    found = problems(tmp_path, data)
+    assert len(found) == 5, found
+
+
+def test_secrets_never_appear_in_messages(tmp_path: Path) -> None:
+    short = "c2VjcmV0LXRoYXQtaXMtc2hvcnQ="
+    invalid = "this-is-a-secret-not-base64!!"
+    found = problems(tmp_path, with_app(secrets=[short, invalid]))
+    text = "\n".join(found)
+    assert len(found) == 2
+    assert short not in text
+    assert invalid not in text
+
+
+def test_not_a_mapping_and_missing_file(tmp_path: Path) -> None:
+    assert problems(tmp_path, "- just\n- a list\n") == [
+        f"{tmp_path / 'proxy.yaml'}: must be a YAML mapping of settings"
+    ]
+    with pytest.raises(ConfigError) as raised:
+        load(str(tmp_path / "absent.yaml"))
+    assert raised.value.lines() == [f"{tmp_path / 'absent.yaml'}: no such file"]
+    broken = problems(tmp_path, "apps: [\n")
+    assert "not valid YAML" in broken[0]
+
+
+def test_substitution_and_yaml_12_scalars(tmp_path: Path) -> None:
+    digits = "MTIzNDU2Nzg5MDEyMzQ1Njc4OTAxMjM0NTY3ODkwMTI="
+    text = """
+upstream: {url: "${UP:-http://127.0.0.1:9000}"}
+shutdown_timeout: ${T:-12}
+errors: {expose_reason: "${EXPOSE}", realm: on}
+case_insensitive_paths: TRUE
+apps:
+  - id: a
+    match: {claim: env, value: "${ENV}"}
+    algorithms: [HS256]
+    secrets: ["${S}"]
+    claims: {tier: "${TIER}", flag: yes}
+"""
+    path = tmp_path / "proxy.yaml"
+    path.write_text(text)
+    env = {"EXPOSE": "False", "ENV": "123", "S": digits, "TIER": "7"}
+    config = load(str(path), env=env)
+    assert config.upstream.url == "http://127.0.0.1:9000"
+    assert config.shutdown_timeout == 12
+    assert config.errors.expose_reason is False
+    assert config.errors.realm == "on"
+    assert config.case_insensitive_paths is True
+    app = config.apps[0]
+    assert app.match_value == "123"
+    assert dict(app.claims) == {"tier": "7", "flag": "yes"}
+    assert app.secrets == (b"12345678901234567890123456789012",)
+
+
+def test_relative_paths_follow_the_config_file(tmp_path: Path, keys: KeyFiles) -> None:
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "idp.pem").write_bytes(keys.public_pem("ec"))
+    data = asym(keys, algorithms=["ES256"], public_keys=["idp.pem"])
+    (tmp_path / "sub" / "proxy.yaml").write_text(yaml.safe_dump(data))
+    config = load(str(tmp_path / "sub" / "proxy.yaml"))
+    assert config.apps[0].keys[0].source == "public_keys[0]"
+
+
+def test_secret_not_in_repr(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    config = load(str(path))
+    assert SECRET_B64 not in repr(config)
+    assert "ssss" not in repr(config)
+
+
+def test_url_safe_base64_and_raw_secrets(tmp_path: Path) -> None:
+    url_safe = "-_-_" * 11
+    data = {
+        **BASE,
+        "apps": [
+            {**HS_APP, "secrets": [url_safe]},
+            {
+                "id": "raw",
+                "match": {},
+                "algorithms": ["HS256"],
+                "secret_encoding": "raw",
+                "secrets": ["x" * 32],
+            },
+        ],
+    }
+    data["apps"][1]["match"] = {"value": "other"}
+    assert problems(tmp_path, data) == []

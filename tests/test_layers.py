@@ -1,0 +1,53 @@
+"""Imports flow one way: a module imports only from its own layer or the ones below it."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+LAYERS = {
+    "__init__": 0, "errors": 0, "model": 0, "telemetry": 0,
+    "routing": 1, "yamlconf": 1, "jwk": 1,
+    "config": 2,
+    "keys": 3,
+    "tokens": 4,
+    "decision": 5, "headers": 5, "mint": 5,
+    "forward": 6, "websocket": 6, "token_service": 6,
+    "app": 7,
+    "runtime": 8,
+    "workers": 9, "demo": 9, "cli": 9, "__main__": 10,
+}  # fmt: skip
+CORE = 5  # layers up to here are framework-free: `inspect` runs them without a server
+PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
+
+
+def imports(path: Path) -> set[tuple[str, int]]:
+    """(module, line) of every import: proxy modules by name, others by top package."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            if node.module:
+                found.add((node.module.split(".")[0], node.lineno))
+            else:
+                found.update((alias.name, node.lineno) for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found.update((f"{node.module}.{alias.name}", node.lineno) for alias in node.names)
+        elif isinstance(node, ast.Import):
+            found.update((alias.name, node.lineno) for alias in node.names)
+    return found
+
+
+def test_every_module_has_a_layer() -> None:
+    assert {path.stem for path in PACKAGE.glob("*.py")} == set(LAYERS)
+
+
+def test_imports_point_down() -> None:
+    wrong = []
+    for path in PACKAGE.glob("*.py"):
+        layer = LAYERS[path.stem]
+        for name, line in imports(path):
+            if name in LAYERS and LAYERS[name] > layer:
+                wrong.append(f"{path.name}:{line} imports {name} from a higher layer")
+            if layer <= CORE and name.startswith("aiohttp.web"):
+                wrong.append(f"{path.name}:{line} imports {name} into the core")
+    assert wrong == []
