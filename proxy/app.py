@@ -173,8 +173,8 @@ class Resources:
             pool = self.pools[upstream] = UpstreamPool(upstream)
         return pool
 
-    def activate(self, state: State, refresh: bool = True) -> None:
-        """Make `state` the active one; retire pools and JWKS sources it no longer uses."""
+    def activate(self, state: State) -> None:
+        """Make `state` the active one (its JWKS sources refreshing); retire what it dropped."""
         self.active = state
         used_sources = set(state.sources)
         for key, source in list(self.sources.items()):
@@ -183,10 +183,9 @@ class Resources:
                 task = self.tasks.pop(source, None)
                 if task is not None:
                     task.cancel()
-        if refresh:
-            for source in used_sources:
-                if source not in self.tasks:
-                    self.tasks[source] = asyncio.ensure_future(source.run())
+        for source in used_sources:
+            if source not in self.tasks:
+                self.tasks[source] = asyncio.ensure_future(source.run())
         used_pools = set(state.pools.values())
         for upstream, pool in list(self.pools.items()):
             if pool not in used_pools:
@@ -220,7 +219,7 @@ class Proxy:
         self.clock = resources.clock
         self.scheme = scheme
         self.service: Handler | None = None
-        resources.activate(state, refresh=False)
+        resources.activate(state)
 
     def swap(self, state: State) -> None:
         """Serve `state` from the next request on (requests in flight keep theirs)."""

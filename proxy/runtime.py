@@ -155,7 +155,6 @@ class Runtime:
             self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self.tls.load_cert_chain(config.tls.cert_file, config.tls.key_file)
         self.proxy = Proxy(state, resources, scheme=scheme)
-        resources.activate(state)
         proxy = self.proxy
         self.proxy.service = TokenService(lambda: proxy.state, self.metrics, proxy.clock).handle
         server = make_server(self.proxy, config)
