@@ -17,6 +17,7 @@ import asyncio
 import collections
 import contextlib
 import ssl
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -394,11 +395,11 @@ async def exchange(
     if has_body and request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     head_only = request.method == "HEAD"
-    started = asyncio.get_running_loop().time()
+    started = time.perf_counter()
     response = await pool.send(
         head, request.content if has_body else None, chunked, head_only, traffic
     )
-    traffic.upstream_seconds = asyncio.get_running_loop().time() - started
+    traffic.upstream_seconds = time.perf_counter() - started
     try:
         headers = headers_out(response.headers)
         if response.complete and not head_only and response.status not in (204, 304):

@@ -211,6 +211,9 @@ class Runtime:
         if admin_runner is not None:
             await admin_runner.cleanup()
         await resources.close()
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)  # drained: a late signal must not turn exit 0
         self.log.event("info", "shutdown", phase="done")
         return 0
 

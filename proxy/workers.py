@@ -150,6 +150,9 @@ class Supervisor:
         await self.done.wait()
         if runner is not None:
             await runner.cleanup()
+        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
         shutil.rmtree(self.directory, ignore_errors=True)
         return 2 if self.failed else 0
 
