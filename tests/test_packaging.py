@@ -1,0 +1,148 @@
+"""The container image, the Kubernetes manifests and the dashboards stay true to the code."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import pytest
+import yaml
+from prometheus_client import generate_latest
+
+from proxy.telemetry import Metrics
+from tests.conftest import SECRET_B64
+
+ROOT = Path(__file__).resolve().parent.parent
+BIN = Path(sys.executable).parent
+MANIFESTS = ["deploy/sidecar.yaml", "deploy/gateway.yaml"]
+
+
+def test_dockerfile_passes_hadolint() -> None:
+    result = subprocess.run(
+        [str(BIN / "hadolint"), "--no-color", "Dockerfile"], cwd=ROOT, capture_output=True,
+        text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_dockerfile_shape() -> None:
+    text = (ROOT / "Dockerfile").read_text()
+    assert text.count("FROM python:3.11-slim") == 2  # multi-stage, slim official base
+    assert "USER 10001" in text
+    assert 'ENTRYPOINT ["token-proxy"]' in text
+    assert 'CMD ["serve"]' in text
+    assert "ENV TOKEN_PROXY_CONFIG=/etc/token-proxy/proxy.yaml" in text
+    assert "HEALTHCHECK" in text and "9901/healthz" in text
+    assert "tests" in (ROOT / ".dockerignore").read_text().split()
+
+
+def test_wheel_builds_the_way_the_dockerfile_does(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-cache-dir", "--quiet",
+         "--wheel-dir", str(tmp_path), "."],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    (wheel,) = tmp_path.glob("token_proxy-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = next(n for n in names if n.endswith("entry_points.txt"))
+        metadata = archive.read(next(n for n in names if n.endswith("METADATA"))).decode()
+        scripts = archive.read(entry_points).decode()
+    modules = {p.name for p in (ROOT / "proxy").glob("*.py")}
+    assert {f"proxy/{m}" for m in modules} <= names
+    assert not any(name.startswith("tests/") for name in names)
+    assert "token-proxy = proxy.cli:main" in scripts
+    for dependency in ("aiohttp", "PyJWT", "cryptography", "cachetools", "PyYAML"):
+        assert f"Requires-Dist: {dependency}" in metadata
+    assert 'Requires-Dist: uvloop>=0.23; extra == "speed"' in metadata
+
+
+def test_manifests_validate_against_kubernetes() -> None:
+    result = subprocess.run(
+        [str(BIN / "kubernetes-validate"), "--strict", "--quiet", *MANIFESTS],
+        cwd=ROOT, capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def documents(path: str) -> list[dict[str, object]]:
+    return [doc for doc in yaml.safe_load_all((ROOT / path).read_text()) if doc]
+
+
+@pytest.mark.parametrize("path", MANIFESTS)
+def test_manifest_configs_pass_check_and_timing_fits(path: str, tmp_path: Path) -> None:
+    docs = documents(path)
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["proxy.yaml"]  # type: ignore[index]
+    secret = next(d for d in docs if d["kind"] == "Secret")["stringData"]  # type: ignore[index]
+    (tmp_path / "proxy.yaml").write_text(config)
+    env = {**os.environ, **{name: SECRET_B64 for name in secret}}  # type: ignore[union-attr]
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "--config", str(tmp_path / "proxy.yaml")],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    shutdown = yaml.safe_load(config)["shutdown_timeout"]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]  # type: ignore[index]
+    proxy = next(c for c in pod["containers"] if c["name"] == "token-proxy")
+    pre_stop = int(proxy["lifecycle"]["preStop"]["exec"]["command"][-1])
+    assert pod["terminationGracePeriodSeconds"] > pre_stop + shutdown
+    assert proxy["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert proxy["livenessProbe"]["httpGet"]["path"] == "/healthz"
+
+
+def test_gateway_has_autoscaler_budget_and_scrape_annotations() -> None:
+    kinds = {doc["kind"] for doc in documents("deploy/gateway.yaml")}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
+    deployment = next(d for d in documents("deploy/gateway.yaml") if d["kind"] == "Deployment")
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]  # type: ignore[index]
+    assert annotations["prometheus.io/scrape"] == "true"
+
+
+def test_compose_config_passes_check() -> None:
+    compose = yaml.safe_load((ROOT / "deploy/docker-compose.yaml").read_text())
+    assert {"upstream", "token-proxy"} <= set(compose["services"])
+    config = str(ROOT / "deploy/compose-proxy.yaml")
+    result = subprocess.run(
+        [sys.executable, "-m", "proxy", "check", "--config", config],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+
+
+def exported_names() -> set[str]:
+    """Every sample name /metrics exports once each metric has a value."""
+    metrics = Metrics()
+    metrics.request("forwarded", "", "app", 0.01)
+    metrics.upstream("default", 0.01)
+    metrics.jwks_fetches.labels("app", "ok").inc()
+    metrics.jwks_keys.labels("app").set(1)
+    metrics.tokens_issued.labels("jwt-bearer", "client").inc()
+    text = generate_latest(metrics.registry).decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
+
+
+def used_names() -> set[str]:
+    dashboard = json.loads((ROOT / "deploy/grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    rules = yaml.safe_load((ROOT / "deploy/prometheus-rules.yaml").read_text())
+    exprs += [rule["expr"] for group in rules["groups"] for rule in group["rules"]]
+    return {name for expr in exprs for name in re.findall(r"\b[a-z_]+_[a-z_]+(?=[{\[\s)]|$)", expr)
+            if name.startswith("token_proxy_")}  # fmt: skip
+
+
+def test_dashboard_and_rules_use_only_exported_metrics() -> None:
+    used = used_names()
+    assert len(used) >= 8
+    assert used <= exported_names(), used - exported_names()
+    dashboard = (ROOT / "deploy/grafana-dashboard.json").read_text()
+    for topic in ("outcome", "0.99", "upstream_duration", "jwks_fetches", "token_cache"):
+        assert topic in dashboard
+    rules = (ROOT / "deploy/prometheus-rules.yaml").read_text()
+    for alert in ("TokenProxyJwksFailing", "TokenProxy5xxRatio", "TokenProxyNotReady"):
+        assert alert in rules
