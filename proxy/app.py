@@ -22,7 +22,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import InvalidURLError, LineTooLong
 from aiohttp.web_protocol import RequestHandler
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from .config import Config, Errors, Upstream
 from .decision import Decision, decide
@@ -33,11 +33,11 @@ from .headers import (
     HeaderPlan,
     remove_query_param,
     request_id,
-    response_headers,
 )
 from .keys import AppKeys, Fetcher, HttpFetcher, JwksSource
+from .metrics import Metrics
 from .model import RequestView
-from .telemetry import Log, Metrics
+from .telemetry import Log
 from .tokens import Verifier, service_app
 from .websocket import WebSocketClients, is_websocket, relay
 
@@ -90,8 +90,8 @@ class State:
     verifier: Verifier
     plan: HeaderPlan
     errors: ErrorBodies
-    pools: dict[str | None, UpstreamPool]  # route upstream name (None: the default) -> pool
-    upstreams: dict[str | None, Upstream]
+    # route upstream name (None: the default) -> the upstream and its connection pool
+    upstreams: dict[str | None, tuple[Upstream, UpstreamPool]]
     sources: tuple[JwksSource, ...]
 
     def ready(self, now: float) -> list[str]:
@@ -154,15 +154,14 @@ class Resources:
         verifier = Verifier(
             config, keys, clock=self.clock, metrics=self.metrics, service_app=implicit
         )
-        upstreams: dict[str | None, Upstream] = {None: config.upstream}
-        upstreams.update(config.upstreams)
-        pools = {name: self._pool(upstream) for name, upstream in upstreams.items()}
+        named: dict[str | None, Upstream] = {None: config.upstream}
+        named.update(config.upstreams)
+        upstreams = {name: (up, self._pool(up)) for name, up in named.items()}
         return State(
             config,
             verifier,
             HeaderPlan(config.forward),
             ErrorBodies(config.errors),
-            pools,
             upstreams,
             tuple(sources.values()),
         )
@@ -186,7 +185,7 @@ class Resources:
         for source in used_sources:
             if source not in self.tasks:
                 self.tasks[source] = asyncio.ensure_future(source.run())
-        used_pools = set(state.pools.values())
+        used_pools = {pool for _, pool in state.upstreams.values()}
         for upstream, pool in list(self.pools.items()):
             if pool not in used_pools:
                 del self.pools[upstream]
@@ -230,12 +229,13 @@ class Proxy:
         state = self.state
         config = state.config
         started = time.perf_counter()
-        self.metrics.in_flight.inc()
+        metrics = self.metrics
+        metrics.in_flight(1)
         rid_name = config.forward.request_id_header
         rid = request_id(request.headers.get(rid_name))
+        peer = request.remote or ""
         traffic = Traffic()
-        decision: Decision | None = None
-        rejected: Rejection | None = None
+        decided: Decision | Rejection | None = None
         response: web.StreamResponse | None = None
         reason = app = ""
         outcome = "forwarded"
@@ -248,32 +248,20 @@ class Proxy:
                 response = await self.service(request)
                 response.headers[rid_name] = rid
                 return response
-            view = RequestView(
-                request.method,
-                request.raw_path,
-                request.headers,
-                request.remote or "",
-                self.scheme,
-            )
-            decision = await decide(view, config, state.verifier, self.clock())
-            app = decision.app
-            response = await self.forward(request, state, decision, rid, traffic)
+            view = RequestView(request.method, request.raw_path, request.headers, peer, self.scheme)
+            decided = await decide(view, config, state.verifier, self.clock())
+            app = decided.app
+            response = await self.forward(request, state, decided, peer, rid, traffic)
         except Rejection as rejection:
+            decided = rejection
             reason, app = rejection.reason.value, rejection.app
             outcome = CONTRACT[rejection.reason].name
-            rejected = rejection
             response = state.errors.response(rejection.reason, rid_name, rid, rejection.retry_after)
             if request.body_exists and not request.content.is_eof():
                 response.force_close()  # never read a rejected body (Expect: 100-continue)
         except UpstreamError as error:
             reason, outcome = error.reason.value, CONTRACT[error.reason].name
-            self.log.event(
-                "warning",
-                "upstream_error",
-                request_id=rid,
-                upstream=self._upstream(decision),
-                error=error.detail,
-            )
+            traffic.broken = error.detail
             response = state.errors.response(error.reason, rid_name, rid)
         except Exception:
             reason, outcome = Reason.INTERNAL.value, CONTRACT[Reason.INTERNAL].name
@@ -282,14 +270,24 @@ class Proxy:
             )
             response = state.errors.response(Reason.INTERNAL, rid_name, rid)
         finally:
-            self.metrics.in_flight.dec()
+            metrics.in_flight(-1)
+            if traffic.broken is not None:
+                self.log.event(
+                    "warning",
+                    "upstream_error",
+                    request_id=rid,
+                    upstream=_upstream_name(decided),
+                    error=traffic.broken,
+                )
             if response is not None:
                 elapsed = time.perf_counter() - started
-                self.metrics.request(outcome, reason, app, elapsed)
+                metrics.request(outcome, reason, app, elapsed)
+                if traffic.upstream_seconds is not None:
+                    metrics.upstream(_upstream_name(decided), traffic.upstream_seconds)
                 if config.access_log:
                     self._access(
                         request,
-                        decision or rejected,
+                        decided,
                         rid,
                         response.status,
                         reason,
@@ -305,35 +303,32 @@ class Proxy:
         request: web.BaseRequest,
         state: State,
         decision: Decision,
+        peer: str,
         rid: str,
         traffic: Traffic,
     ) -> web.StreamResponse:
         config = state.config
-        name = decision.route.upstream if decision.route is not None else None
-        upstream = state.upstreams[name]
+        route = decision.route
+        upstream, pool = state.upstreams[route.upstream if route is not None else None]
         verified = decision.verified
+        found = decision.found
         client_host = request.headers.get("Host")
         client_host_bytes = (
             client_host.encode("utf-8", "surrogateescape") if client_host is not None else None
         )
+        has_body = request.body_exists
         facts = Forwarding(
-            host=(
-                client_host_bytes
-                if upstream.preserve_host and client_host_bytes
-                else upstream.host_header.encode()
-            ),
-            client_host=client_host_bytes,
-            peer=request.remote or "",
-            scheme=self.scheme,
-            request_id=rid,
-            identity=verified.identity if verified else (),
-            claims=verified.claims_header if verified else None,
-            drop_token=(
-                decision.found.source
-                if decision.found is not None and not config.forward.token
-                else None
-            ),
-            chunked=request.body_exists and request.content_length is None,
+            client_host_bytes
+            if upstream.preserve_host and client_host_bytes
+            else upstream.host_header.encode(),
+            client_host_bytes,
+            peer,
+            self.scheme,
+            rid,
+            verified.identity if verified is not None else (),
+            verified.claims_header if verified is not None else None,
+            found.source if found is not None and not config.forward.token else None,
+            has_body and request.content_length is None,
         )
         path = upstream.base_path + decision.target.path
         if is_websocket(request):
@@ -356,27 +351,9 @@ class Proxy:
         head = state.plan.request_head(
             request.method, path, decision.target.query, request.raw_headers, facts
         )
-        rid_name = config.forward.request_id_header
-
-        def headers_out(raw: list[tuple[bytes, bytes]]) -> Any:
-            return response_headers(raw, rid_name, rid)
-
-        def broken(detail: str) -> None:
-            self.log.event(
-                "warning", "upstream_error", request_id=rid, upstream=upstream.name, error=detail
-            )
-
-        response = await exchange(
-            request, state.pools[name], head, headers_out, traffic, on_broken=broken
+        return await exchange(
+            request, pool, head, config.forward.request_id_header, rid, has_body, traffic
         )
-        if traffic.upstream_seconds is not None:
-            self.metrics.upstream(upstream.name, traffic.upstream_seconds)
-        return response
-
-    def _upstream(self, decision: Decision | None) -> str:
-        if decision is None or decision.route is None or decision.route.upstream is None:
-            return "default"
-        return decision.route.upstream
 
     def _access(
         self,
@@ -422,6 +399,13 @@ class Proxy:
                 "bytes_out": traffic.bytes_out,
             }
         )
+
+
+def _upstream_name(decided: Decision | Rejection | None) -> str:
+    """The upstream a request went to, for logs and metrics."""
+    if isinstance(decided, Decision) and decided.route is not None and decided.route.upstream:
+        return decided.route.upstream
+    return "default"
 
 
 # --- Malformed HTTP: a fixed short answer that never echoes the request ----------------------
@@ -525,7 +509,3 @@ def admin_app(ready: Callable[[], list[str]], metrics: Callable[[], bytes]) -> w
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)
     return app
-
-
-def registry_metrics(metrics: Metrics) -> Callable[[], bytes]:
-    return lambda: generate_latest(metrics.registry)

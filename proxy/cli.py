@@ -25,10 +25,11 @@ from multidict import CIMultiDict
 from . import __version__
 from .config import Config, default_path, load
 from .errors import CONTRACT, ConfigError, Rejection
+from .metrics import Metrics
 from .mint import MintError, claim_value, keygen, mint
 from .model import RequestView
 from .runtime import STATUS_ENV, Overrides, Runtime, load_with_overrides
-from .telemetry import Log, Metrics
+from .telemetry import Log
 
 
 def _workers(value: str) -> int:

@@ -8,8 +8,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 from urllib.parse import unquote
 
 from .config import Config, Route
@@ -19,13 +18,12 @@ from .routing import Target, split_target
 from .tokens import Found, Trace, Verified, Verifier, extract_token, note, query_values
 
 
-@dataclass(frozen=True, slots=True)
-class Decision:
+class Decision(NamedTuple):
     """Forward: the normalised target, the route, where the token was, what it proved."""
 
     target: Target
     route: Route | None
-    found: Found | None = field(default=None, repr=False)
+    found: Found | None = None
     verified: Verified | None = None
 
     @property

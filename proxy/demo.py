@@ -18,9 +18,10 @@ from typing import TextIO
 from aiohttp import web
 
 from .config import Config, load
+from .metrics import Metrics
 from .mint import keygen, mint
 from .runtime import Runtime
-from .telemetry import Log, Metrics
+from .telemetry import Log
 
 DEMO_CONFIG = """
 listen: "127.0.0.1:{port}"

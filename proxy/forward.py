@@ -18,15 +18,15 @@ import collections
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httptools
 from aiohttp import web
-from multidict import CIMultiDict
 
 from .config import Upstream
 from .errors import Reason
+from .headers import response_headers
 
 HIGH_WATER = 256 * 1024  # buffered response bytes before the upstream is paused
 LOW_WATER = 64 * 1024
@@ -36,12 +36,13 @@ BODY_CHUNK = 64 * 1024
 class Traffic:
     """What one exchange moved: body bytes each way, and the upstream's time to headers."""
 
-    __slots__ = ("bytes_in", "bytes_out", "upstream_seconds")
+    __slots__ = ("broken", "bytes_in", "bytes_out", "upstream_seconds")
 
     def __init__(self) -> None:
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream_seconds: float | None = None
+        self.broken: str | None = None  # what failed after the response started
 
 
 class UpstreamError(Exception):
@@ -58,6 +59,7 @@ class _Connection(asyncio.Protocol):
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
+        self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self.error: BaseException | None = None
@@ -70,7 +72,7 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.head: asyncio.Future[None] = self.loop.create_future()
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.complete = False
@@ -155,6 +157,10 @@ class _Connection(asyncio.Protocol):
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
 
+    def head_timeout(self) -> None:
+        if not self.head.done():
+            self._fail(TimeoutError("no response head in time"))
+
     def _fail(self, error: BaseException) -> None:
         self.error = error
         if not self.head.done():
@@ -194,7 +200,7 @@ class _Connection(asyncio.Protocol):
                 return None
             if self.error is not None:
                 raise self.error
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self.loop.create_future()
             await self._waiter
             self._waiter = None
 
@@ -264,6 +270,8 @@ class UpstreamPool:
 
     def __init__(self, upstream: Upstream) -> None:
         self.upstream = upstream
+        # Kept, not looked up per request: Python 3.11's get_running_loop() costs a getpid().
+        self.loop = asyncio.get_running_loop()
         self.idle: collections.deque[_Connection] = collections.deque()
         self.slots = asyncio.Semaphore(upstream.max_connections)
         self.ssl: ssl.SSLContext | None = None
@@ -281,7 +289,7 @@ class UpstreamPool:
         self.idle.append(connection)
 
     async def _connect(self) -> _Connection:
-        loop = asyncio.get_running_loop()
+        loop = self.loop
         up = self.upstream
         try:
             async with asyncio.timeout(up.connect_timeout):
@@ -314,11 +322,16 @@ class UpstreamPool:
         traffic: Traffic | None = None,
     ) -> Response:
         """Send a request head (and stream `body`, an aiohttp StreamReader); await the head."""
-        try:
-            async with asyncio.timeout(self.upstream.timeout):
-                await self.slots.acquire()
-        except TimeoutError:
-            raise UpstreamError(Reason.UPSTREAM_TIMEOUT, "no free upstream connection") from None
+        if self.slots.locked():  # all max_connections busy: wait, within the timeout
+            try:
+                async with asyncio.timeout(self.upstream.timeout):
+                    await self.slots.acquire()
+            except TimeoutError:
+                raise UpstreamError(
+                    Reason.UPSTREAM_TIMEOUT, "no free upstream connection"
+                ) from None
+        else:
+            await self.slots.acquire()  # free: returns at once
         try:
             return await self._send(head, body, chunked, head_only, traffic or Traffic())
         except BaseException:
@@ -333,13 +346,13 @@ class UpstreamPool:
             connection = self.idle.pop() if reused else await self._connect()
             connection.head_only = head_only
             sender = None
+            timer = self.loop.call_later(self.upstream.timeout, connection.head_timeout)
             try:
                 connection.write(head)
                 if body is not None:
                     sender = asyncio.ensure_future(_send_body(connection, body, chunked, traffic))
                     sender.add_done_callback(connection.body_sent)
-                async with asyncio.timeout(self.upstream.timeout):
-                    await connection.head
+                await connection.head
             except BaseException as error:
                 connection.close()
                 if sender is not None:
@@ -357,6 +370,8 @@ class UpstreamPool:
                 raise UpstreamError(
                     Reason.UPSTREAM_UNAVAILABLE, f"connection failed ({type(error).__name__})"
                 ) from None
+            finally:
+                timer.cancel()
             response = Response(connection, self)
             response.sender = sender
             return response
@@ -384,24 +399,23 @@ async def exchange(
     request: web.BaseRequest,
     pool: UpstreamPool,
     head: bytes,
-    headers_out: Callable[[list[tuple[bytes, bytes]]], CIMultiDict[str]],
+    rid_name: str,
+    rid: str,
+    has_body: bool,
     traffic: Traffic,
-    *,
-    on_broken: Callable[[str], None],
 ) -> web.StreamResponse:
     """Forward one request and stream the upstream's response back to the client."""
-    has_body = request.body_exists
-    chunked = has_body and request.content_length is None
     if has_body and request.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     head_only = request.method == "HEAD"
     started = time.perf_counter()
     response = await pool.send(
-        head, request.content if has_body else None, chunked, head_only, traffic
-    )
+        head, request.content if has_body else None, has_body and request.content_length is None,
+        head_only, traffic,
+    )  # fmt: skip
     traffic.upstream_seconds = time.perf_counter() - started
     try:
-        headers = headers_out(response.headers)
+        headers = response_headers(response.headers, rid_name, rid)
         if response.complete and not head_only and response.status not in (204, 304):
             body = response.buffered_body()
             headers.popall("Content-Length", None)
@@ -422,7 +436,7 @@ async def exchange(
         except (ConnectionError, OSError) as error:
             if request.transport is None or request.transport.is_closing():
                 raise  # the client went away: nothing to tell it
-            on_broken(f"upstream failed mid-response ({type(error).__name__})")
+            traffic.broken = f"upstream failed mid-response ({type(error).__name__})"
             request.transport.close()  # the client must see a cut, not a complete body
             return out
         response.release()

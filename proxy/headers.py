@@ -11,10 +11,10 @@ from verified claims only.
 
 from __future__ import annotations
 
+import random
 import re
-import secrets
 from collections.abc import Iterable
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict
@@ -32,24 +32,16 @@ def request_id(incoming: str | None) -> str:
     """The incoming request id when it is sane, else 32 random hex characters."""
     if incoming is not None and _REQUEST_ID.fullmatch(incoming):
         return incoming
-    return secrets.token_hex(16)
+    # An identifier, not a secret: Mersenne Twister is enough and spares a getrandom().
+    return f"{random.getrandbits(128):032x}"
 
 
-def _hop_by_hop(name: bytes, listed: frozenset[bytes]) -> bool:
-    return name in HOP_BY_HOP or name.startswith(b"proxy-") or name in listed
+def _listed(connection: bytes) -> frozenset[bytes]:
+    """The header names a `Connection` header lists."""
+    return frozenset(part.strip().lower() for part in connection.split(b","))
 
 
-def _connection_listed(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    """Header names a `Connection` header lists (they are hop-by-hop too)."""
-    listed: set[bytes] = set()
-    for name, value in headers:
-        if name.lower() == b"connection":
-            listed.update(part.strip().lower() for part in value.split(b","))
-    return frozenset(listed)
-
-
-@dataclass(frozen=True, slots=True)
-class Forwarding:
+class Forwarding(NamedTuple):
     """Per-request facts the upstream request head needs."""
 
     host: bytes  # the Host sent upstream
@@ -73,7 +65,7 @@ class HeaderPlan:
         self.identity = frozenset(n.lower().replace("_", "-").encode() for n in names)
         self.claims_header = (forward.claims_header or "").encode()
         self.request_id_name = forward.request_id_header.encode()
-        self.managed = frozenset(
+        managed = frozenset(
             {
                 b"host",
                 b"expect",
@@ -84,6 +76,8 @@ class HeaderPlan:
                 forward.request_id_header.lower().encode(),
             }
         )
+        # Every incoming header the proxy drops outright (proxy-* are checked by prefix).
+        self.skip = managed | HOP_BY_HOP | self.identity
 
     def request_head(
         self,
@@ -108,25 +102,26 @@ class HeaderPlan:
         self, raw_headers: tuple[tuple[bytes, bytes], ...], facts: Forwarding
     ) -> list[tuple[bytes, bytes]]:
         """The headers sent upstream, in order: the client's, then the ones the proxy sets."""
-        listed = _connection_listed(raw_headers)
         drop = facts.drop_token
         drop_header = drop.name.encode() if drop is not None and drop.kind == "header" else None
         drop_cookie = drop.name if drop is not None and drop.kind == "cookie" else None
+        skip = self.skip
         out: list[tuple[bytes, bytes]] = []
         forwarded_for: list[bytes] = []
         content_length = b""
+        listed: frozenset[bytes] = frozenset()
         for name, value in raw_headers:
             lower = name.lower()
-            if lower in self.managed or _hop_by_hop(lower, listed):
+            if lower in skip or lower.startswith(b"proxy-"):
                 if lower == b"x-forwarded-for":
                     forwarded_for.append(value)
                 elif lower == b"content-length":
                     content_length = value
+                elif lower == b"connection":
+                    listed |= _listed(value)
                 continue
-            if lower in self.identity or (
-                b"_" in lower and lower.replace(b"_", b"-") in self.identity
-            ):
-                continue
+            if b"_" in lower and lower.replace(b"_", b"-") in self.identity:
+                continue  # CGI-style servers would read X_Auth_User_Id as X-Auth-User-Id
             if lower == drop_header:
                 continue
             if drop_cookie is not None and lower == b"cookie":
@@ -134,6 +129,8 @@ class HeaderPlan:
                 if not value:
                     continue
             out.append((name, value))
+        if listed:  # names a Connection header lists are hop-by-hop too
+            out = [(name, value) for name, value in out if name.lower() not in listed]
         out.append((b"Host", facts.host))
         if facts.chunked:
             out.append((b"Transfer-Encoding", b"chunked"))
@@ -168,19 +165,21 @@ def response_headers(
     raw: list[tuple[bytes, bytes]], request_id_name: str, rid: str
 ) -> CIMultiDict[str]:
     """The upstream's response headers for the client: all but hop-by-hop, repeats kept."""
-    listed = _connection_listed(raw)
-    headers: CIMultiDict[str] = CIMultiDict()
+    kept: list[tuple[str, str]] = []
+    listed: frozenset[bytes] = frozenset()
     for name, value in raw:
         lower = name.lower()
-        if _hop_by_hop(lower, listed):
+        if lower in HOP_BY_HOP or lower.startswith(b"proxy-"):
+            if lower == b"connection":
+                listed |= _listed(value)
             continue
-        headers.add(_text(name), _text(value))
+        try:
+            text = value.decode()
+        except UnicodeDecodeError:
+            text = value.decode("latin-1")
+        kept.append((name.decode("latin-1"), text))
+    if listed:
+        kept = [(name, value) for name, value in kept if name.lower().encode() not in listed]
+    headers = CIMultiDict(kept)
     headers[request_id_name] = rid
     return headers
-
-
-def _text(value: bytes) -> str:
-    try:
-        return value.decode("utf-8")
-    except UnicodeDecodeError:
-        return value.decode("latin-1")

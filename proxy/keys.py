@@ -25,7 +25,8 @@ import aiohttp
 
 from . import jwk
 from .config import App, TokenSettings, jwks_url_problem
-from .telemetry import Log, Metrics
+from .metrics import JWKS_FETCHES, JWKS_KEYS, Metrics
+from .telemetry import Log
 
 MAX_DOCUMENT = 1 << 20
 MAX_KEYS = 100
@@ -237,9 +238,10 @@ class JwksSource:
     def _count(self, result: str) -> None:
         if self.metrics is None:
             return
+        usable = len(self.current(self.clock()))
         for app in self.apps:
-            self.metrics.jwks_fetches.labels(app, result).inc()
-            self.metrics.jwks_keys.labels(app).set(len(self.current(self.clock())))
+            self.metrics.count(JWKS_FETCHES, app, result)
+            self.metrics.set(JWKS_KEYS, usable, app)
 
 
 def _fingerprint(keys: tuple[jwk.VerifyKey, ...]) -> set[tuple[str | None, str | None, str]]:

@@ -9,15 +9,14 @@ core never sees aiohttp's request objects.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 
-@dataclass(frozen=True, slots=True)
-class RequestView:
+class RequestView(NamedTuple):  # a tuple: made on every request, so it must be cheap
     """Method, raw request target (path and query, as received), headers, TCP peer, scheme."""
 
     method: str

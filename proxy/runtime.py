@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -29,10 +30,11 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .app import Proxy, Resources, State, admin_app, make_server, registry_metrics
+from .app import Proxy, Resources, State, admin_app, make_server
 from .config import Config, Listen, load
 from .errors import ConfigError
-from .telemetry import Log, Metrics
+from .metrics import METRICS_DIR_ENV, RELOADS, Metrics
+from .telemetry import Log
 from .token_service import TokenService
 
 
@@ -120,7 +122,10 @@ class Runtime:
         self.source = source
         self.label = label
         self.log = log or Log()
-        self.metrics = metrics or Metrics()
+        directory = os.environ.get(METRICS_DIR_ENV)  # a worker: the supervisor reads the file
+        self.metrics = metrics or Metrics(
+            os.path.join(directory, f"metrics-{os.getpid()}.db") if directory else None
+        )
         self.serve_admin = admin
         self.reuse_port = reuse_port
         self.on_ready = on_ready
@@ -175,7 +180,7 @@ class Runtime:
         admin_runner = None
         if self.serve_admin and config.admin_listen is not None:
             admin_runner = web.AppRunner(
-                admin_app(self.readiness, registry_metrics(self.metrics)), access_log=None
+                admin_app(self.readiness, self.metrics.render), access_log=None
             )
             await admin_runner.setup()
             await web.TCPSite(
@@ -195,6 +200,11 @@ class Runtime:
             apps=len(config.apps),
             routes=len(config.routes),
         )
+        # Startup objects (config, compiled routes, imported modules) never die: keep them out
+        # of the collector's scans, and collect the young generation less often (measured in
+        # bench/: about 10% less CPU per request).
+        gc.freeze()
+        gc.set_threshold(20_000, 50, 100)
         if self.on_ready:
             self.on_ready()
         status = asyncio.ensure_future(self._report_status()) if self.status_file else None
@@ -240,7 +250,7 @@ class Runtime:
             try:
                 config = self.source()
             except ConfigError as error:
-                self.metrics.reloads.labels("error").inc()
+                self.metrics.count(RELOADS, "error")
                 self.log.event("error", "reload", result="error", problems=error.lines())
                 return
             state: State = await proxy.resources.prepare(config)
@@ -256,5 +266,5 @@ class Runtime:
                     self.tls.load_cert_chain(config.tls.cert_file, config.tls.key_file)
                 except (OSError, ssl.SSLError):
                     notes.append("the new TLS certificate could not be loaded")
-            self.metrics.reloads.labels("ok").inc()
+            self.metrics.count(RELOADS, "ok")
             self.log.event("info", "reload", result="ok", notes=notes)

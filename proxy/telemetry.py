@@ -1,13 +1,10 @@
-"""Metrics (SPEC §7) and JSON log lines: what may be counted and logged, and how.
+"""JSON log lines (SPEC §7): what may be logged, and how.
 
-    metrics = Metrics()                       # once per process; survives reloads
-    metrics.request("TokenExpired", "expired", "TR21063826", seconds=0.002)
     log = Log(sys.stdout, "info")
     log.event("info", "reload", result="ok")  # {"time": "...Z", "level": "info", "event": ...}
 
-Labels take config words and fixed words only, never request data. Log lines never hold a
-token, a secret or a key: callers pass reason words, ids from the config, and the normalised
-path without its query.
+Log lines never hold a token, a secret or a key: callers pass reason words, ids from the
+config, and the normalised path without its query. Keys are fixed words, never request data.
 """
 
 from __future__ import annotations
@@ -17,111 +14,7 @@ import sys
 import time
 from typing import Any, TextIO
 
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    disable_created_metrics,
-)
-
-from . import __version__
-
-disable_created_metrics()  # type: ignore[no-untyped-call]  # `_created` series: noise
-
 _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-
-
-class Metrics:
-    """Every metric of the contract, with label children cached for the hot path."""
-
-    def __init__(self, registry: CollectorRegistry | None = None) -> None:
-        self.registry = registry if registry is not None else CollectorRegistry()
-        r = self.registry
-        self.requests = Counter(
-            "token_proxy_requests", "Requests by outcome", ["outcome", "reason", "app"], registry=r
-        )
-        self.request_duration = Histogram(
-            "token_proxy_request_duration_seconds",
-            "Time from request to response headers, by outcome",
-            ["outcome"],
-            buckets=_BUCKETS,
-            registry=r,
-        )
-        self.upstream_duration = Histogram(
-            "token_proxy_upstream_duration_seconds",
-            "Time the upstream took to send response headers",
-            ["upstream"],
-            buckets=_BUCKETS,
-            registry=r,
-        )
-        self.token_cache = Counter(
-            "token_proxy_token_cache_requests",
-            "Verified-token cache lookups",
-            ["result"],
-            registry=r,
-        )
-        self.jwks_fetches = Counter(
-            "token_proxy_jwks_fetches", "JWKS fetches", ["app", "result"], registry=r
-        )
-        self.jwks_keys = Gauge(
-            "token_proxy_jwks_keys",
-            "Usable keys from the app's JWKS URL",
-            ["app"],
-            registry=r,
-            multiprocess_mode="max",
-        )
-        self.reloads = Counter(
-            "token_proxy_reloads", "Configuration reloads", ["result"], registry=r
-        )
-        self.in_flight = Gauge(
-            "token_proxy_in_flight_requests",
-            "Requests being handled",
-            registry=r,
-            multiprocess_mode="livesum",
-        )
-        self.build_info = Gauge(
-            "token_proxy_build_info",
-            "Version of token-proxy",
-            ["version"],
-            registry=r,
-            multiprocess_mode="max",
-        )
-        self.tokens_issued = Counter(
-            "token_proxy_tokens_issued",
-            "Access tokens issued by the token service",
-            ["grant", "client"],
-            registry=r,
-        )
-        self.build_info.labels(__version__).set(1)
-        self._requests: dict[tuple[str, str, str], Any] = {}
-        self._durations: dict[str, Any] = {}
-        self._upstreams: dict[str, Any] = {}
-        self.cache_hit = self.token_cache.labels("hit")
-        self.cache_miss = self.token_cache.labels("miss")
-        for result in ("ok", "error"):
-            self.reloads.labels(result)
-        for result in ("hit", "miss"):
-            self.token_cache.labels(result)
-
-    def request(self, outcome: str, reason: str, app: str, seconds: float) -> None:
-        """Count one answered request (labels: config words and fixed words only)."""
-        key = (outcome, reason, app)
-        child = self._requests.get(key)
-        if child is None:
-            child = self._requests[key] = self.requests.labels(outcome, reason, app)
-        child.inc()
-        duration = self._durations.get(outcome)
-        if duration is None:
-            duration = self._durations[outcome] = self.request_duration.labels(outcome)
-        duration.observe(seconds)
-
-    def upstream(self, name: str, seconds: float) -> None:
-        child = self._upstreams.get(name)
-        if child is None:
-            child = self._upstreams[name] = self.upstream_duration.labels(name)
-        child.observe(seconds)
 
 
 class Log:

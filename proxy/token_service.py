@@ -29,7 +29,7 @@ from . import jwk
 from .config import Client, Config
 from .config import TokenService as ServiceConfig
 from .errors import Rejection
-from .telemetry import Metrics
+from .metrics import ISSUED, Metrics
 from .tokens import Verified, Verifier
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -122,7 +122,7 @@ class TokenService:
         token = jwt.encode(
             claims, key.key, algorithm=key.alg, headers={"kid": key.kid, "typ": "at+jwt"}
         )
-        self.metrics.tokens_issued.labels(label, client.id).inc()
+        self.metrics.count(ISSUED, label, client.id)
         return _json(
             {
                 "access_token": token,

@@ -27,8 +27,8 @@ from . import jwk
 from .config import TOKEN_SERVICE_APP, App, Config, Source
 from .errors import Reason, Rejection
 from .keys import AppKeys
+from .metrics import Metrics
 from .model import RequestView
-from .telemetry import Metrics
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
@@ -276,13 +276,13 @@ class Verifier:
             hit = self.cache.get(token)
             if hit is not None:
                 if self.metrics:
-                    self.metrics.cache_hit.inc()
+                    self.metrics.cache(True)
                 if hit.exp is not None and hit.exp + self.settings.leeway <= now:
                     raise Rejection(Reason.EXPIRED, "exp is in the past", app=hit.app.id)
                 note(trace, "cache", True, "verified before; steps 4-7 served from the cache")
                 return hit
             if self.metrics:
-                self.metrics.cache_miss.inc()
+                self.metrics.cache(False)
         parsed = parse(token, self.settings.max_length)
         note(trace, "structure", True, f"alg {parsed.alg}, typ and crit fine")
         app = self.select_app(parsed)

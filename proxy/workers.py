@@ -25,9 +25,9 @@ from aiohttp import web
 
 from .config import Config
 from .errors import ConfigError
+from .metrics import METRICS_DIR_ENV, Metrics, render
 from .runtime import STATUS_ENV, Overrides, load_with_overrides
 
-MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 MAX_BACKOFF = 30.0
 
 
@@ -82,16 +82,13 @@ class Supervisor:
     async def start(self, worker: Worker) -> None:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(worker.status)
-        env = {**os.environ, STATUS_ENV: worker.status, MULTIPROC_ENV: self.metrics_dir}
+        env = {**os.environ, STATUS_ENV: worker.status, METRICS_DIR_ENV: self.metrics_dir}
         worker.process = await asyncio.create_subprocess_exec(*self.command(), env=env)
         worker.started = time.monotonic()
         worker.watcher = asyncio.ensure_future(self.watch(worker, worker.process))
 
     async def watch(self, worker: Worker, process: asyncio.subprocess.Process) -> None:
         code = await process.wait()
-        from prometheus_client import multiprocess
-
-        multiprocess.mark_process_dead(process.pid, self.metrics_dir)  # type: ignore[no-untyped-call]
         if self.draining:
             if all(w.process is None or w.process.returncode is not None for w in self.workers):
                 self.done.set()
@@ -126,11 +123,13 @@ class Supervisor:
         return [item for worker in self.workers for item in worker.waiting_for()]
 
     def metrics(self) -> bytes:
-        from prometheus_client import CollectorRegistry, generate_latest, multiprocess
-
-        registry = CollectorRegistry()
-        multiprocess.MultiProcessCollector(registry, path=self.metrics_dir)  # type: ignore[no-untyped-call]
-        return generate_latest(registry)
+        """Every worker's series summed, the dead ones' counters and histograms included."""
+        live = {w.process.pid for w in self.workers if w.process and w.process.returncode is None}
+        snapshots = []
+        for path in sorted(Path(self.metrics_dir).glob("metrics-*.db")):
+            pid = int(path.stem.removeprefix("metrics-"))
+            snapshots.append(Metrics.read(str(path), alive=pid in live))
+        return render(snapshots)
 
     async def run(self) -> int:
         from .app import admin_app

@@ -30,8 +30,9 @@ from yarl import URL
 
 from proxy.app import Proxy, Resources, make_server
 from proxy.config import Config, load
+from proxy.metrics import Metrics
 from proxy.runtime import make_socket
-from proxy.telemetry import Log, Metrics
+from proxy.telemetry import Log
 
 SECRET = b"s" * 32 + b"-test-secret-of-forty-bytes"
 SECRET_B64 = base64.b64encode(SECRET).decode()
@@ -246,9 +247,7 @@ class RunningProxy:
         return [json.loads(line) for line in self.log_stream.getvalue().splitlines() if line]
 
     def metrics_text(self) -> str:
-        from prometheus_client import generate_latest
-
-        return generate_latest(self.proxy.metrics.registry).decode()
+        return self.proxy.metrics.render().decode()
 
 
 BASE_APPS = [{"id": "app-1", "algorithms": ["HS256"], "secrets": [SECRET_B64], "match": {}}]

@@ -247,7 +247,7 @@ async def test_head_request_and_keep_alive_reuse(proxy_for: ProxyFactory) -> Non
     assert await head.read() == b""
     for _ in range(5):
         assert (await proxy.get("/x")).status == 200
-    pool = proxy.proxy.state.pools[None]
+    _, pool = proxy.proxy.state.upstreams[None]
     assert len(pool.idle) == 1  # one kept-alive connection served them all
 
 

@@ -12,9 +12,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from prometheus_client import generate_latest
 
-from proxy.telemetry import Metrics
+from proxy.metrics import ISSUED, JWKS_FETCHES, JWKS_KEYS, Metrics
 from tests.conftest import SECRET_B64
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -120,10 +119,10 @@ def exported_names() -> set[str]:
     metrics = Metrics()
     metrics.request("forwarded", "", "app", 0.01)
     metrics.upstream("default", 0.01)
-    metrics.jwks_fetches.labels("app", "ok").inc()
-    metrics.jwks_keys.labels("app").set(1)
-    metrics.tokens_issued.labels("jwt-bearer", "client").inc()
-    text = generate_latest(metrics.registry).decode()
+    metrics.count(JWKS_FETCHES, "app", "ok")
+    metrics.set(JWKS_KEYS, 1, "app")
+    metrics.count(ISSUED, "jwt-bearer", "client")
+    text = metrics.render().decode()
     return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line[:1] != "#"}
 
 

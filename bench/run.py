@@ -1,0 +1,508 @@
+"""Benchmark token-proxy against HAProxy 2.6 `jwt_verify` on this machine.
+
+    bench/setup                          # apt: haproxy nginx wrk; the project venv
+    .venv/bin/python bench/run.py        # --rounds 3 --seconds 10; writes bench/results/
+
+Layout (2 cores): the proxy under test on CPU 0; nginx (the upstream) and wrk (1 thread,
+64 connections) on CPU 1. Every case is checked first (valid 200, bad signature 401, expired
+401, missing 401), then measured in interleaved rounds; ratios are taken inside each round and
+the report quotes medians. Proxy CPU per request comes from /proc (utime + stime).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = str(ROOT / ".venv" / "bin" / "python")
+PROXY_CPU, LOAD_CPU = "0", "1"
+HS_SECRET = "bench-secret-that-is-long-enough-for-hs256!"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, seconds: float = 15) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        try:
+            urllib.request.urlopen(url, timeout=1).close()
+            return
+        except urllib.error.HTTPError:
+            return
+        except OSError:
+            time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+def status(url: str, token: str | None) -> int:
+    request = urllib.request.Request(url)
+    if token is not None:
+        request.add_header("Authorization", f"Bearer {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=5) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as error:
+        error.close()
+        return int(error.code)
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / TICK
+
+
+def descendants(pid: int) -> list[int]:
+    found = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        for child in children:
+            found.extend(descendants(int(child)))
+    return found
+
+
+@dataclass
+class Server:
+    name: str
+    url: str
+    process: subprocess.Popen[bytes]
+    tokens: dict[str, str | None] = field(default_factory=dict)
+
+    def pids(self) -> list[int]:
+        return descendants(self.process.pid)
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+
+
+class Bench:
+    def __init__(self, work: Path, seconds: int, connections: int) -> None:
+        self.work = work
+        self.seconds = seconds
+        self.connections = connections
+        self.servers: list[Server] = []
+        key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+        self.rsa_private = key
+        (work / "rsa.pub").write_bytes(
+            key.public_key().public_bytes(
+                serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+            )
+        )
+        now = int(time.time())
+        claims = {"appId": "bench", "sub": "user-1", "iat": now, "exp": now + 7200}
+        expired = {**claims, "iat": now - 7200, "exp": now - 3600}
+        self.tokens = {
+            "HS256": {
+                "valid": jwt.encode(claims, HS_SECRET, algorithm="HS256"),
+                "bad": jwt.encode(claims, HS_SECRET + "x", algorithm="HS256"),
+                "expired": jwt.encode(expired, HS_SECRET, algorithm="HS256"),
+                "missing": None,
+            },
+            "RS256": {
+                "valid": jwt.encode(claims, key, algorithm="RS256"),
+                "bad": jwt.encode(
+                    claims,
+                    rsa.generate_private_key(public_exponent=65537, key_size=2048),
+                    algorithm="RS256",
+                ),
+                "expired": jwt.encode(expired, key, algorithm="RS256"),
+                "missing": None,
+            },
+        }
+        (work / "big.bin").write_bytes(b"")
+        os.truncate(work / "big.bin", 1 << 30)
+
+    # --- servers ---------------------------------------------------------------------------
+
+    def spawn(self, name: str, cpu: str, command: list[str], url: str, **kwargs: Any) -> Server:
+        log = (self.work / f"{name}.log").open("wb")
+        process = subprocess.Popen(
+            ["taskset", "-c", cpu, *command], stdout=log, stderr=log, **kwargs
+        )
+        server = Server(name, url, process)
+        self.servers.append(server)
+        wait_http(url + "/healthz" if name != "nginx" else url)
+        return server
+
+    def nginx(self) -> Server:
+        port = free_port()
+        (self.work / "nginx").mkdir(exist_ok=True)
+        conf = self.work / "nginx.conf"
+        conf.write_text(f"""
+worker_processes 1;
+pid {self.work}/nginx.pid;
+error_log {self.work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {self.work}/nginx;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        client_max_body_size 0;
+        location = /upload {{ return 200 "ok"; }}
+        location = /big.bin {{ root {self.work}; }}
+        location / {{ return 200 "ok"; }}
+    }}
+}}
+""")
+        return self.spawn(
+            "nginx",
+            LOAD_CPU,
+            ["nginx", "-c", str(conf), "-p", str(self.work), "-g", "daemon off;"],
+            f"http://127.0.0.1:{port}",
+        )
+
+    def haproxy(self, alg: str, upstream: str) -> Server:
+        port = free_port()
+        key = HS_SECRET if alg == "HS256" else str(self.work / "rsa.pub")
+        verify = f'var(txn.bearer),jwt_verify(txn.alg,"{key}")'
+        conf = self.work / f"haproxy-{alg}.cfg"
+        up = upstream.split("//")[1]
+        conf.write_text(f"""
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+    option http-keep-alive
+frontend fe
+    bind 127.0.0.1:{port}
+    http-request return status 200 if {{ path /healthz }}
+    http-request deny deny_status 401 unless {{ req.hdr(authorization) -m found }}
+    http-request set-var(txn.bearer) http_auth_bearer
+    http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg')
+    http-request deny deny_status 401 unless {{ var(txn.alg) -m str {alg} }}
+    http-request deny deny_status 401 unless {{ {verify} -m int 1 }}
+    http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('$.exp','int')
+    http-request set-var(txn.now) date()
+    http-request deny deny_status 401 if {{ var(txn.exp),sub(txn.now) -m int lt 0 }}
+    default_backend be
+backend be
+    http-reuse always
+    server up {up} maxconn 512
+""")
+        server = self.spawn(
+            f"haproxy-{alg}",
+            PROXY_CPU,
+            ["haproxy", "-f", str(conf), "-db"],
+            f"http://127.0.0.1:{port}",
+        )
+        server.tokens = self.tokens[alg]
+        return server
+
+    def token_proxy(
+        self,
+        name: str,
+        upstream: str,
+        alg: str | None,
+        *,
+        cache: bool = True,
+        access: bool = False,
+        workers: int = 1,
+    ) -> Server:
+        port = free_port()
+        app: dict[str, Any] = {"id": "bench", "match": {"claim": "appId"}, "algorithms": [alg]}
+        if alg == "HS256":
+            app.update(secret_encoding="raw", secrets=[HS_SECRET])
+        elif alg == "RS256":
+            app.update(public_keys=[str(self.work / "rsa.pub")])
+        config = {
+            "listen": f"127.0.0.1:{port}",
+            "admin_listen": f"127.0.0.1:{free_port()}" if workers > 1 else None,
+            "log": {"access": access, "level": "warning"},
+            "upstream": {"url": upstream},
+            "token": {"cache_size": 10000 if cache else 0},
+            "apps": [app] if alg else [],
+            "routes": [{"path": "/healthz", "auth": "none"}]
+            + ([{"path": "/*"}] if alg else [{"path": "/*", "auth": "none"}]),
+        }
+        path = self.work / f"{name}.yaml"
+        path.write_text(json.dumps(config))
+        command = [PYTHON, "-m", "proxy", "serve", "--config", str(path)]
+        if workers > 1:
+            command += ["--workers", str(workers)]
+        cpu = PROXY_CPU if workers == 1 else f"{PROXY_CPU},{LOAD_CPU}"
+        server = self.spawn(name, cpu, command, f"http://127.0.0.1:{port}", cwd=ROOT)
+        if alg:
+            server.tokens = self.tokens[alg]
+        if workers > 1:
+            time.sleep(2)  # both workers up
+        return server
+
+    def aiohttp_floor(self) -> Server:
+        port = free_port()
+        return self.spawn(
+            "aiohttp-floor",
+            PROXY_CPU,
+            [PYTHON, str(ROOT / "bench" / "floor.py"), str(port)],
+            f"http://127.0.0.1:{port}",
+        )
+
+    # --- measuring -------------------------------------------------------------------------
+
+    def check(self, server: Server) -> None:
+        """valid 200, bad signature 401, expired 401, missing 401 (or 200 without tokens)."""
+        if not server.tokens:
+            assert status(server.url + "/x", None) == 200, server.name
+            return
+        expected = {"valid": 200, "bad": 401, "expired": 401, "missing": 401}
+        for kind, code in expected.items():
+            got = status(server.url + "/x", server.tokens[kind])
+            assert got == code, f"{server.name}: {kind} token gave {got}, expected {code}"
+
+    def wrk(self, server: Server, connections: int | None = None) -> dict[str, float]:
+        token = server.tokens.get("valid")
+        header = ["-H", f"Authorization: Bearer {token}"] if token else []
+        pids = server.pids()
+        before = cpu_seconds(pids)
+        output = subprocess.run(
+            ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections or self.connections}",
+             f"-d{self.seconds}s", "--latency", *header, server.url + "/x"],
+            capture_output=True, text=True, check=True,
+        ).stdout  # fmt: skip
+        cpu = cpu_seconds(pids) - before
+        requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+        if errors:
+            raise RuntimeError(f"{server.name}: {errors.group(1)} failed responses")
+        return {
+            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
+            "p50_ms": _latency(output, "50%"),
+            "p99_ms": _latency(output, "99%"),
+            "cpu_us": cpu / requests * 1e6,
+        }
+
+    def stop(self) -> None:
+        for server in reversed(self.servers):
+            server.stop()
+
+
+def _latency(output: str, label: str) -> float:
+    found = re.search(rf"{label}\s+([\d.]+)(us|ms|s)\b", output)
+    assert found is not None
+    value, unit = float(found.group(1)), found.group(2)
+    return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
+
+
+async def streaming_rss(proxy: Server, nginx: Server, size: int) -> dict[str, float]:
+    """RSS growth of the proxy while 1 GB goes up and 1 GB comes down through it."""
+    import aiohttp
+
+    pid = proxy.process.pid if "token" not in proxy.name else descendants(proxy.process.pid)[-1]
+
+    def rss(field: str) -> int:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+        raise RuntimeError(field)
+
+    async def body() -> Any:
+        chunk = b"u" * (1 << 20)
+        for _ in range(size >> 20):
+            yield chunk
+
+    async with aiohttp.ClientSession() as session:
+        async with session.post(proxy.url + "/upload", data=b"warm") as response:
+            await response.read()
+        baseline = rss("VmRSS")
+        started = time.monotonic()
+        async with session.post(proxy.url + "/upload", data=body()) as response:
+            assert response.status == 200
+        up_seconds = time.monotonic() - started
+        started = time.monotonic()
+        received = 0
+        async with session.get(proxy.url + "/big.bin") as response:
+            async for chunk in response.content.iter_chunked(1 << 20):
+                received += len(chunk)
+        down_seconds = time.monotonic() - started
+        assert received == size
+        return {
+            "rss_growth_mb": (rss("VmHWM") - baseline) / 1e6,
+            "upload_mb_s": size / up_seconds / 1e6,
+            "download_mb_s": size / down_seconds / 1e6,
+        }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--seconds", type=int, default=10)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--only", help="comma-separated case names")
+    parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
+    args = parser.parse_args()
+    for tool in ("haproxy", "nginx", "wrk", "taskset"):
+        if shutil.which(tool) is None:
+            print(f"bench: {tool} is missing; run bench/setup", file=sys.stderr)
+            return 2
+    work = Path(tempfile.mkdtemp(prefix="token-proxy-bench-"))
+    bench = Bench(work, args.seconds, args.connections)
+    results: dict[str, list[dict[str, float]]] = {}
+    try:
+        nginx = bench.nginx()
+        up = nginx.url
+        cases: dict[str, Callable[[], Server]] = {
+            "haproxy HS256": lambda: bench.haproxy("HS256", up),
+            "haproxy RS256": lambda: bench.haproxy("RS256", up),
+            "aiohttp floor": bench.aiohttp_floor,
+            "passthrough": lambda: bench.token_proxy("passthrough", up, None),
+            "HS256 cache": lambda: bench.token_proxy("hs-cache", up, "HS256"),
+            "HS256 no cache": lambda: bench.token_proxy("hs-nocache", up, "HS256", cache=False),
+            "RS256 cache": lambda: bench.token_proxy("rs-cache", up, "RS256"),
+            "RS256 no cache": lambda: bench.token_proxy("rs-nocache", up, "RS256", cache=False),
+            "HS256 cache + access log": lambda: bench.token_proxy(
+                "hs-log", up, "HS256", access=True
+            ),
+            "HS256 cache, 2 workers": lambda: bench.token_proxy(
+                "hs-workers", up, "HS256", workers=2
+            ),
+        }
+        if args.only:
+            wanted = set(args.only.split(","))
+            cases = {k: v for k, v in cases.items() if k in wanted or k.startswith("haproxy")}
+        servers = {name: make() for name, make in cases.items()}
+        for server in servers.values():
+            bench.check(server)
+        for round_index in range(args.rounds):
+            for name, server in servers.items():
+                result = bench.wrk(server)
+                results.setdefault(name, []).append(result)
+                print(
+                    f"round {round_index + 1} {name:28} {result['rps']:9.0f} req/s "
+                    f"p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms "
+                    f"cpu {result['cpu_us']:.1f} us/req",
+                    flush=True,
+                )
+        extras: dict[str, Any] = {}
+        if "HS256 cache" in servers:
+            direct = Server("nginx-direct", nginx.url, nginx.process)
+            one = [bench.wrk(servers["HS256 cache"], connections=1) for _ in range(args.rounds)]
+            base = [bench.wrk(direct, connections=1) for _ in range(args.rounds)]
+            extras["added_latency_p50_ms"] = statistics.median(
+                a["p50_ms"] - b["p50_ms"] for a, b in zip(one, base, strict=True)
+            )
+            extras["streaming_1GB"] = (
+                asyncio.run(streaming_rss(servers["passthrough"], nginx, 1 << 30))
+                if "passthrough" in servers
+                else None
+            )
+    finally:
+        bench.stop()
+    report = summarize(results, extras)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "latest.json").write_text(json.dumps({"raw": results, **report}, indent=2) + "\n")
+    print(json.dumps(report, indent=2))
+    plot(report, out / "latest.png")
+    shutil.rmtree(work, ignore_errors=True)
+    return 0
+
+
+def summarize(results: dict[str, list[dict[str, float]]], extras: dict[str, Any]) -> dict[str, Any]:
+    """Medians per case, and ratios taken inside each round, then their medians."""
+    table = {}
+    for name, rounds in results.items():
+        reference = "haproxy RS256" if "RS256" in name else "haproxy HS256"
+        ratios = [
+            r["rps"] / results[reference][i]["rps"]
+            for i, r in enumerate(rounds)
+            if reference in results
+        ]
+        table[name] = {
+            "rps": statistics.median(r["rps"] for r in rounds),
+            "p50_ms": statistics.median(r["p50_ms"] for r in rounds),
+            "p99_ms": statistics.median(r["p99_ms"] for r in rounds),
+            "cpu_us": statistics.median(r["cpu_us"] for r in rounds),
+            f"x_{reference.replace(' ', '_')}": statistics.median(ratios) if ratios else None,
+        }
+    derived: dict[str, Any] = {}
+
+    def ratio(a: str, b: str, key: str = "rps") -> float | None:
+        if a not in results or b not in results:
+            return None
+        return statistics.median(
+            x[key] / y[key] for x, y in zip(results[a], results[b], strict=True)
+        )
+
+    derived["HS256 cache / aiohttp floor"] = ratio("HS256 cache", "aiohttp floor")
+    derived["HS256 cache / haproxy HS256"] = ratio("HS256 cache", "haproxy HS256")
+    derived["RS256 cache / haproxy RS256"] = ratio("RS256 cache", "haproxy RS256")
+    derived["cache-hit check cost vs passthrough (cpu)"] = (
+        None
+        if ratio("HS256 cache", "passthrough", "cpu_us") is None
+        else ratio("HS256 cache", "passthrough", "cpu_us") - 1  # type: ignore[operator]
+    )
+    derived["access log cost (cpu)"] = (
+        None
+        if ratio("HS256 cache + access log", "HS256 cache", "cpu_us") is None
+        else ratio("HS256 cache + access log", "HS256 cache", "cpu_us") - 1  # type: ignore[operator]
+    )
+    derived["2 workers cpu/req vs 1"] = ratio("HS256 cache, 2 workers", "HS256 cache", "cpu_us")
+    return {"table": table, "derived": derived, "extras": extras}
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    names = list(report["table"])
+    rps = [report["table"][n]["rps"] for n in names]
+    figure, axis = plt.subplots(figsize=(10, 5))
+    bars = axis.barh(
+        names, rps, color=["#888" if n.startswith("haproxy") else "#36c" for n in names]
+    )
+    axis.invert_yaxis()
+    axis.set_xlabel("requests/s (median of rounds; proxy on 1 core, wrk 1 thread, 64 connections)")
+    for bar, value in zip(bars, rps, strict=True):
+        axis.text(
+            bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {value:,.0f}", va="center"
+        )
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
