@@ -241,8 +241,8 @@ class Proxy:
         outcome = "forwarded"
         try:
             if (
-                self.service is not None
-                and config.token_service is not None
+                config.token_service is not None
+                and self.service is not None
                 and request.raw_path.partition("?")[0] in SERVICE_PATHS
             ):
                 response = await self.service(request)

@@ -58,45 +58,33 @@ async def decide(
 ) -> Decision:
     """Steps 1-8: a Decision to forward, or a Rejection."""
     target = split_target(view.target, view.headers.get("Host"))
-    note(trace, "path", True, f"normalised to {target.path}")
     route, params = match_route(config.routes, view.method, target.match)
-    note(trace, "route", True, route.pattern.pattern if route else "no route: token required")
+    if trace is not None:  # (guarded: the details are strings built for `inspect` only)
+        trace.append(("path", True, f"normalised to {target.path}"))
+        trace.append(("route", True, route.pattern.pattern if route else "none: token required"))
+    if route is not None and route.auth == "none":
+        return Decision(target, route)
     try:
-        return await _check(view, config, verifier, now, trace, target, route, params)
+        if config.preflight == "pass" and is_preflight(view):
+            note(trace, "preflight", True, "CORS preflight passes without a token")
+            return Decision(target, route)
+        found = extract_token(view, config.token.sources)
+        if found is None:
+            if route is not None and route.auth == "optional":
+                note(trace, "token", True, "none; the route's auth is optional")
+                return Decision(target, route)
+            note(trace, "token", False, "none found")
+            raise Rejection(Reason.MISSING, "no token in " + _sources(config))
+        if trace is not None:
+            trace.append(("token", True, f"found in {found.source.kind}:{found.source.name}"))
+        verified = await verifier.verify(found.token, now, trace)
+        if route is not None:
+            authorize(route, params, verified, view, target, trace)
+        return Decision(target, route, found, verified)
     except Rejection as rejection:
         rejection.path = target.path
         rejection.route = route.pattern.pattern if route is not None else ""
         raise
-
-
-async def _check(
-    view: RequestView,
-    config: Config,
-    verifier: Verifier,
-    now: float,
-    trace: Trace,
-    target: Target,
-    route: Route | None,
-    params: dict[str, str],
-) -> Decision:
-    """Steps 2 (auth none, preflight) to 8 once the route is known."""
-    if route is not None and route.auth == "none":
-        return Decision(target, route)
-    if config.preflight == "pass" and is_preflight(view):
-        note(trace, "preflight", True, "CORS preflight passes without a token")
-        return Decision(target, route)
-    found = extract_token(view, config.token.sources)
-    if found is None:
-        if route is not None and route.auth == "optional":
-            note(trace, "token", True, "none; the route's auth is optional")
-            return Decision(target, route)
-        note(trace, "token", False, "none found")
-        raise Rejection(Reason.MISSING, "no token in " + _sources(config))
-    note(trace, "token", True, f"found in {found.source.kind}:{found.source.name}")
-    verified = await verifier.verify(found.token, now, trace)
-    if route is not None:
-        authorize(route, params, verified, view, target, trace)
-    return Decision(target, route, found, verified)
 
 
 def authorize(
@@ -134,8 +122,10 @@ def authorize(
                 f"claim {binding.claim} does not match {binding.kind}.{binding.name}",
                 app=app,
             )
-        note(trace, f"bind {binding.claim}", True, f"equals {binding.kind}.{binding.name}")
-    note(trace, "route checks", True, "apps, scopes, claims and bindings fine")
+        if trace is not None:
+            trace.append((f"bind {binding.claim}", True, f"equals {binding.kind}.{binding.name}"))
+    if trace is not None:
+        trace.append(("route checks", True, "apps, scopes, claims and bindings fine"))
 
 
 def _claim_text(value: Any) -> str | None:

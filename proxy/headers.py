@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import random
 import re
+import time
 from collections.abc import Iterable
-from typing import NamedTuple
+from email.utils import formatdate
+from typing import Any, NamedTuple
 from urllib.parse import unquote_plus
-
-from multidict import CIMultiDict
 
 from .config import Forward, Source
 
@@ -36,9 +36,12 @@ def request_id(incoming: str | None) -> str:
     return f"{random.getrandbits(128):032x}"
 
 
+_USUAL = HOP_BY_HOP | {b"close"}  # "Connection: keep-alive" and friends filter nothing more
+
+
 def _listed(connection: bytes) -> frozenset[bytes]:
-    """The header names a `Connection` header lists."""
-    return frozenset(part.strip().lower() for part in connection.split(b","))
+    """The header names a `Connection` header lists, beyond the usual hop-by-hop ones."""
+    return frozenset(part.strip().lower() for part in connection.split(b",")) - _USUAL
 
 
 class Forwarding(NamedTuple):
@@ -162,9 +165,12 @@ def remove_cookie(line: bytes, name: str) -> bytes:
 
 
 def response_headers(
-    raw: list[tuple[bytes, bytes]], request_id_name: str, rid: str
-) -> CIMultiDict[str]:
-    """The upstream's response headers for the client: all but hop-by-hop, repeats kept."""
+    raw: list[tuple[bytes, bytes]], request_id_name: str, rid: str, drop_length: bool = False
+) -> list[tuple[str, str]]:
+    """The upstream's response headers for the client: all but hop-by-hop, repeats kept.
+
+    `drop_length`: the body is complete and the length header is left to aiohttp.
+    """
     kept: list[tuple[str, str]] = []
     listed: frozenset[bytes] = frozenset()
     for name, value in raw:
@@ -173,6 +179,8 @@ def response_headers(
             if lower == b"connection":
                 listed |= _listed(value)
             continue
+        if drop_length and lower == b"content-length":
+            continue
         try:
             text = value.decode()
         except UnicodeDecodeError:
@@ -180,6 +188,54 @@ def response_headers(
         kept.append((name.decode("latin-1"), text))
     if listed:
         kept = [(name, value) for name, value in kept if name.lower().encode() not in listed]
-    headers = CIMultiDict(kept)
-    headers[request_id_name] = rid
-    return headers
+    kept.append((request_id_name, rid))
+    return kept
+
+
+def response_head(
+    status: int,
+    reason: str,
+    raw: list[tuple[bytes, bytes]],
+    request_id_name: str,
+    rid: str,
+    length: int,
+    keep_alive: bool,
+    old_client: bool,
+) -> bytes:
+    """The status line and headers of a whole response, in the upstream's bytes and order."""
+    kept: list[tuple[bytes, bytes, bytes]] = []
+    listed: frozenset[bytes] = frozenset()
+    dated = False
+    for name, value in raw:
+        lower = name.lower()
+        if lower in HOP_BY_HOP or lower.startswith(b"proxy-") or lower == b"content-length":
+            if lower == b"connection":
+                listed |= _listed(value)
+            continue
+        dated = dated or lower == b"date"
+        kept.append((lower, name, value))
+    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))]
+    if not dated:  # RFC 9110 §6.6.1: a proxy adds the Date an upstream left out
+        lines += (b"Date: ", http_date(), b"\r\n")
+    for lower, name, value in kept:
+        if lower not in listed:
+            lines += (name, b": ", value, b"\r\n")
+    lines.append(b"Content-Length: %d\r\n" % length)
+    lines += (request_id_name.encode(), b": ", rid.encode(), b"\r\n")
+    if not keep_alive:
+        lines.append(b"Connection: close\r\n")
+    elif old_client:
+        lines.append(b"Connection: keep-alive\r\n")
+    lines.append(b"\r\n")
+    return b"".join(lines)
+
+
+_date: list[Any] = [0, b""]
+
+
+def http_date() -> bytes:
+    """The current time as an HTTP date, computed once a second."""
+    now = int(time.time())
+    if _date[0] != now:
+        _date[0], _date[1] = now, formatdate(now, usegmt=True).encode()
+    return bytes(_date[1])

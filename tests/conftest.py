@@ -85,6 +85,17 @@ async def _slow(request: web.Request) -> web.Response:
     return web.json_response({"slept": True})
 
 
+async def _trickle(request: web.Request) -> web.StreamResponse:
+    """Headers at once, then the body after `s` seconds."""
+    response = web.StreamResponse()
+    await response.prepare(request)
+    await response.write(b"start ")
+    await asyncio.sleep(float(request.query.get("s", "2")))
+    await response.write(b"end")
+    await response.write_eof()
+    return response
+
+
 async def _cookies(request: web.Request) -> web.Response:
     response = web.Response(text="ok")
     response.headers.add("Set-Cookie", "a=1; Path=/")
@@ -155,6 +166,7 @@ def upstream_app() -> web.Application:
     app[SEEN] = []
     app[CLOSED] = []
     app.router.add_get("/slow", _slow)
+    app.router.add_get("/trickle", _trickle)
     app.router.add_get("/cookies", _cookies)
     app.router.add_get("/download", _download)
     app.router.add_post("/upload", _upload)

@@ -477,3 +477,88 @@ async def test_websocket_closed_with_1008_when_token_expires(
             break
         await asyncio.sleep(0.02)
     assert upstream.closed == [1008]
+
+
+async def test_max_connections_queue_then_time_out(
+    proxy_for: ProxyFactory, upstream: Upstream
+) -> None:
+    proxy = await proxy_for(
+        {
+            "upstream": {"url": upstream.url, "max_connections": 1, "timeout": 1.5},
+            "routes": [{"path": "/*", "auth": "none"}],
+        }
+    )
+    first = asyncio.ensure_future(proxy.get("/slow?s=0.5"))
+    await asyncio.sleep(0.1)
+    queued = await proxy.get("/x")  # waits for the one connection, then gets it
+    assert queued.status == 200
+    assert (await first).status == 200
+    hog = asyncio.ensure_future(proxy.get("/slow?s=1.2"))
+    await asyncio.sleep(0.1)
+    starved = await asyncio.gather(*(proxy.get("/x") for _ in range(3)))
+    assert [r.status for r in starved] == [200, 200, 200]
+    assert (await hog).status == 200
+    blocker = await proxy.get("/trickle?s=2.5")  # headers at once; holds the connection
+    assert blocker.status == 200
+    timed_out = await proxy.get("/x")
+    assert timed_out.status == 504
+    assert await blocker.read() == b"start end"
+    _, pool = proxy.proxy.state.upstreams[None]
+    assert pool.active == 0
+    assert not pool.waiters
+
+
+async def test_response_headers_come_back_byte_for_byte(proxy_for: ProxyFactory) -> None:
+    """A raw upstream: odd header case, repeats, a non-UTF-8 byte, no Date, chunked body."""
+    answer = (
+        b"HTTP/1.1 201 Made It\r\nx-lower: a\r\nX-Dup: 1\r\nX-Dup: 2\r\nX-Bin: caf\xe9\r\n"
+        b"Transfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+
+    class Raw(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            if b"\r\n\r\n" in data:
+                self.transport.write(answer)  # type: ignore[attr-defined]
+
+    server = await asyncio.get_running_loop().create_server(Raw, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await proxy_for(
+            {
+                "upstream": {"url": f"http://127.0.0.1:{port}"},
+                "routes": [{"path": "/*", "auth": "none"}],
+            }
+        )
+        raw = await raw_exchange(
+            proxy.url,
+            b"GET /a HTTP/1.1\r\nHost: h\r\n\r\n"
+            b"GET /b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n",
+        )
+    finally:
+        server.close()
+    first, _, rest = raw.partition(b"\r\n\r\n")
+    assert first.startswith(b"HTTP/1.1 201 Made It\r\n")
+    assert b"\r\nx-lower: a\r\nX-Dup: 1\r\nX-Dup: 2\r\nX-Bin: caf\xe9\r\n" in first
+    assert b"\r\nDate: " in first
+    assert b"Content-Length: 5\r\n" in first
+    assert b"Transfer-Encoding" not in first
+    assert rest.startswith(b"abcde")
+    second = rest[len(b"abcde") :]
+    assert second.startswith(b"HTTP/1.1 201 Made It\r\n")  # the same connection, kept alive
+    assert second.partition(b"\r\n\r\n")[0].endswith(b"\r\nConnection: close")
+
+
+async def test_http_10_client(proxy_for: ProxyFactory) -> None:
+    proxy = await proxy_for({"routes": [{"path": "/*", "auth": "none"}]})
+    raw = await raw_exchange(proxy.url, b"GET /x HTTP/1.0\r\nHost: h\r\n\r\n")
+    status, headers, body = parse_head(raw)
+    assert status == 200
+    assert headers["connection"] == ["close"]
+    assert json.loads(body)["target"] == "/x"
+    kept = await raw_exchange(
+        proxy.url, b"GET /x HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n", read_timeout=0.5
+    )
+    assert parse_head(kept)[1]["connection"] == ["keep-alive"]
