@@ -151,9 +151,7 @@ class Resources:
         implicit = service_app(config)
         if implicit is not None:
             keys[implicit.id] = AppKeys(implicit)
-        verifier = Verifier(
-            config, keys, clock=self.clock, metrics=self.metrics, service_app=implicit
-        )
+        verifier = Verifier(config, keys, metrics=self.metrics, service_app=implicit)
         named: dict[str | None, Upstream] = {None: config.upstream}
         named.update(config.upstreams)
         upstreams = {name: (up, self._pool(up)) for name, up in named.items()}

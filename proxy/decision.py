@@ -65,7 +65,7 @@ async def decide(
     if route is not None and route.auth == "none":
         return Decision(target, route)
     try:
-        if config.preflight == "pass" and is_preflight(view):
+        if view.method == "OPTIONS" and config.preflight == "pass" and is_preflight(view):
             note(trace, "preflight", True, "CORS preflight passes without a token")
             return Decision(target, route)
         found = extract_token(view, config.token.sources)
@@ -77,7 +77,9 @@ async def decide(
             raise Rejection(Reason.MISSING, "no token in " + _sources(config))
         if trace is not None:
             trace.append(("token", True, f"found in {found.source.kind}:{found.source.name}"))
-        verified = await verifier.verify(found.token, now, trace)
+        verified = verifier.cached(found.token, now, trace) or await verifier.verify_fresh(
+            found.token, now, trace
+        )
         if route is not None:
             authorize(route, params, verified, view, target, trace)
         return Decision(target, route, found, verified)

@@ -41,7 +41,12 @@ _USUAL = HOP_BY_HOP | {b"close"}  # "Connection: keep-alive" and friends filter 
 
 def _listed(connection: bytes) -> frozenset[bytes]:
     """The header names a `Connection` header lists, beyond the usual hop-by-hop ones."""
+    if connection.lower() in _USUAL:  # the common "keep-alive" or "close"
+        return _NOTHING
     return frozenset(part.strip().lower() for part in connection.split(b",")) - _USUAL
+
+
+_NOTHING: frozenset[bytes] = frozenset()
 
 
 class Forwarding(NamedTuple):
@@ -52,7 +57,7 @@ class Forwarding(NamedTuple):
     peer: str
     scheme: str
     request_id: str
-    identity: tuple[tuple[str, str], ...]
+    identity: tuple[tuple[bytes, bytes], ...]
     claims: str | None  # claims_header value
     drop_token: Source | None  # forward.token false: the token's source
     chunked: bool  # the body is re-chunked upstream
@@ -145,7 +150,7 @@ class HeaderPlan:
         if facts.client_host is not None:
             out.append((b"X-Forwarded-Host", facts.client_host))
         out.append((self.request_id_name, facts.request_id.encode()))
-        out.extend((header.encode(), text.encode()) for header, text in facts.identity)
+        out += facts.identity
         if facts.claims is not None:
             out.append((self.claims_header, facts.claims.encode()))
         return out

@@ -16,12 +16,11 @@ import base64
 import binascii
 import json
 import re
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import unquote_plus
 
-from cachetools import TLRUCache
+from cachetools import LRUCache
 
 from . import jwk
 from .config import TOKEN_SERVICE_APP, App, Config, Source
@@ -119,7 +118,7 @@ class Verified:
     claims: dict[str, Any] = field(repr=False)
     exp: float | None
     scopes: frozenset[str]
-    identity: tuple[tuple[str, str], ...] = field(repr=False)  # identity headers to set
+    identity: tuple[tuple[bytes, bytes], ...] = field(repr=False)  # identity headers to set
     claims_header: str | None = field(repr=False)  # base64url JSON of all claims, when asked
     key: str  # which key verified (a kid and source, or a secret index) for `inspect`
 
@@ -244,7 +243,6 @@ class Verifier:
         config: Config,
         keys: dict[str, AppKeys],
         *,
-        clock: Callable[[], float],
         metrics: Metrics | None = None,
         service_app: App | None = None,
     ) -> None:
@@ -258,31 +256,43 @@ class Verifier:
             (header, claim) for header, claim in config.forward.identity_headers
         )
         size = config.token.cache_size if config.token.cache_ttl > 0 else 0
-        self.cache: TLRUCache[str, Verified] | None = (
-            TLRUCache(maxsize=size, ttu=self._expires, timer=clock) if size else None
+        # token -> (Verified, deadline). An LRU with the deadline checked here: cachetools'
+        # TLRUCache does the same in six times the time (1.6 us a lookup against 0.3 us).
+        self.cache: LRUCache[str, tuple[Verified, float]] | None = (
+            LRUCache(maxsize=size) if size else None
         )
-
-    def _expires(self, _token: str, verified: Verified, now: float) -> float:
-        ttl = now + self.settings.cache_ttl
-        return ttl if verified.exp is None else min(ttl, verified.exp)
 
     def clear_cache(self) -> None:
         if self.cache is not None:
             self.cache.clear()
 
+    def cached(self, token: str, now: float, trace: Trace = None) -> Verified | None:
+        """Steps 4-7 for a token verified before (None: not in the cache)."""
+        cache = self.cache
+        if cache is None:
+            return None
+        entry = cache.get(token)
+        if entry is not None and entry[1] <= now:
+            del cache[token]  # an entry lives cache_ttl at most, and never past exp
+            entry = None
+        if self.metrics:
+            self.metrics.cache(entry is not None)
+        if entry is None:
+            return None
+        hit = entry[0]
+        if hit.exp is not None and hit.exp + self.settings.leeway <= now:
+            raise Rejection(Reason.EXPIRED, "exp is in the past", app=hit.app.id)
+        if trace is not None:
+            trace.append(("cache", True, "verified before: steps 4-7 from the cache"))
+        return hit
+
     async def verify(self, token: str, now: float, trace: Trace = None) -> Verified:
         """Steps 4-7, from the cache when the token was verified before."""
-        if self.cache is not None:
-            hit = self.cache.get(token)
-            if hit is not None:
-                if self.metrics:
-                    self.metrics.cache(True)
-                if hit.exp is not None and hit.exp + self.settings.leeway <= now:
-                    raise Rejection(Reason.EXPIRED, "exp is in the past", app=hit.app.id)
-                note(trace, "cache", True, "verified before; steps 4-7 served from the cache")
-                return hit
-            if self.metrics:
-                self.metrics.cache(False)
+        hit = self.cached(token, now, trace)
+        return hit if hit is not None else await self.verify_fresh(token, now, trace)
+
+    async def verify_fresh(self, token: str, now: float, trace: Trace = None) -> Verified:
+        """Steps 4-7 in full, then into the cache."""
         parsed = parse(token, self.settings.max_length)
         note(trace, "structure", True, f"alg {parsed.alg}, typ and crit fine")
         app = self.select_app(parsed)
@@ -295,7 +305,10 @@ class Verifier:
         key = await self.check_signature(parsed, app, now, trace)
         verified = self.check_claims(parsed.payload, app, now, key, trace)
         if self.cache is not None:
-            self.cache[token] = verified
+            deadline = now + self.settings.cache_ttl
+            if verified.exp is not None:
+                deadline = min(deadline, verified.exp)  # never past exp
+            self.cache[token] = (verified, deadline)
         return verified
 
     def select_app(self, parsed: _Parsed) -> App:
@@ -394,7 +407,7 @@ class Verifier:
                 continue
             if isinstance(value, str) and _CONTROL.search(value):
                 raise fail(Reason.MALFORMED, f"claim {path} holds a control character")
-            identity.append((header, header_text(value)))
+            identity.append((header.encode(), header_text(value).encode()))
         note(trace, "claims", True, "iss, aud, required claims and claim values fine")
         return Verified(
             app=app,
