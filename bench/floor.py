@@ -3,6 +3,7 @@
     python bench/floor.py PORT
 
 No proxying and no token check: the most any proxy served by aiohttp can do on this core.
+It also serves the streaming measurement: POST /upload reads a body, GET /big sends 1 GB.
 """
 
 from __future__ import annotations
@@ -18,7 +19,23 @@ except ImportError:  # pragma: no cover - the product falls back the same way
     uvloop = None  # type: ignore[assignment]
 
 
-async def handle(request: web.BaseRequest) -> web.Response:
+CHUNK = b"d" * (1 << 20)
+
+
+async def handle(request: web.BaseRequest) -> web.StreamResponse:
+    if request.path == "/upload":  # the streaming measurement's upstream: read it all
+        received = 0
+        async for chunk in request.content.iter_any():
+            received += len(chunk)
+        return web.Response(text=str(received))
+    if request.path == "/big":  # ... and 1 GB back
+        response = web.StreamResponse()
+        response.content_length = 1 << 30
+        await response.prepare(request)
+        for _ in range(1 << 10):
+            await response.write(CHUNK)
+        await response.write_eof()
+        return response
     return web.Response(text="ok")
 
 

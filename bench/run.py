@@ -144,8 +144,6 @@ class Bench:
                 "missing": None,
             },
         }
-        (work / "big.bin").write_bytes(b"")
-        os.truncate(work / "big.bin", 1 << 30)
 
     # --- servers ---------------------------------------------------------------------------
 
@@ -175,8 +173,6 @@ http {{
     server {{
         listen 127.0.0.1:{port} backlog=4096;
         client_max_body_size 0;
-        location = /upload {{ return 200 "ok"; }}
-        location = /big.bin {{ root {self.work}; }}
         location / {{ return 200 "ok"; }}
     }}
 }}
@@ -323,11 +319,11 @@ def _latency(output: str, label: str) -> float:
     return value / 1000 if unit == "us" else value * 1000 if unit == "s" else value
 
 
-async def streaming_rss(proxy: Server, nginx: Server, size: int) -> dict[str, float]:
-    """RSS growth of the proxy while 1 GB goes up and 1 GB comes down through it."""
+async def streaming_rss(proxy: Server, size: int) -> dict[str, float]:
+    """RSS growth of a proxy while `size` bytes go up and come down through it."""
     import aiohttp
 
-    pid = proxy.process.pid if "token" not in proxy.name else descendants(proxy.process.pid)[-1]
+    pid = proxy.process.pid
 
     def rss(field: str) -> int:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -346,15 +342,15 @@ async def streaming_rss(proxy: Server, nginx: Server, size: int) -> dict[str, fl
         baseline = rss("VmRSS")
         started = time.monotonic()
         async with session.post(proxy.url + "/upload", data=body()) as response:
-            assert response.status == 200
+            assert int(await response.text()) == size
         up_seconds = time.monotonic() - started
         started = time.monotonic()
         received = 0
-        async with session.get(proxy.url + "/big.bin") as response:
+        async with session.get(proxy.url + "/big") as response:
             async for chunk in response.content.iter_chunked(1 << 20):
                 received += len(chunk)
         down_seconds = time.monotonic() - started
-        assert received == size
+        assert received == size, received
         return {
             "rss_growth_mb": (rss("VmHWM") - baseline) / 1e6,
             "upload_mb_s": size / up_seconds / 1e6,
@@ -420,11 +416,9 @@ def main() -> int:
             extras["added_latency_p50_ms"] = statistics.median(
                 a["p50_ms"] - b["p50_ms"] for a, b in zip(one, base, strict=True)
             )
-            extras["streaming_1GB"] = (
-                asyncio.run(streaming_rss(servers["passthrough"], nginx, 1 << 30))
-                if "passthrough" in servers
-                else None
-            )
+        if "aiohttp floor" in servers:
+            streamer = bench.token_proxy("streaming", servers["aiohttp floor"].url, None)
+            extras["streaming_1GB"] = asyncio.run(streaming_rss(streamer, 1 << 30))
     finally:
         bench.stop()
     report = summarize(results, extras)

@@ -9,6 +9,7 @@ config, and the normalised path without its query. Keys are fixed words, never r
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 import time
@@ -18,13 +19,20 @@ _LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
 class Log:
-    """JSON lines on a stream: `time` (RFC 3339 UTC), `level`, `event`, then fields."""
+    """JSON lines on a stream: `time` (RFC 3339 UTC), `level`, `event`, then fields.
+
+    Access lines are buffered and written at most 50 ms later (one write for many requests:
+    a write and flush per request cost more than the rest of the access log); every other
+    event flushes at once, after the lines before it.
+    """
 
     def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
         self.stream = stream if stream is not None else sys.stdout
         self.threshold = _LEVELS.get(level, 20)
         self._second = -1
         self._prefix = ""
+        self._pending: list[str] = []
+        self._timer: asyncio.TimerHandle | None = None
 
     def set_level(self, level: str) -> None:
         self.threshold = _LEVELS.get(level, 20)
@@ -46,10 +54,27 @@ class Log:
         if _LEVELS[level] < self.threshold:
             return
         self.write({"time": self.now(), "level": level, "event": event, **fields})
+        self.flush()
 
     def write(self, line: dict[str, Any]) -> None:
+        """Queue one line; it is written within 50 ms (at once without a running loop)."""
+        self._pending.append(json.dumps(line, separators=(",", ":"), default=str))
+        if self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(0.05, self.flush)
+            except RuntimeError:
+                self.flush()
+
+    def flush(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if not self._pending:
+            return
+        text = "\n".join(self._pending) + "\n"
+        self._pending.clear()
         try:
-            self.stream.write(json.dumps(line, separators=(",", ":"), default=str) + "\n")
+            self.stream.write(text)
             self.stream.flush()
         except (OSError, ValueError):  # a closed stdout must not take requests down
             pass

@@ -255,8 +255,12 @@ class RunningProxy:
     ) -> aiohttp.ClientResponse:
         return await self.request("GET", path, token, **kwargs)
 
+    def log_text(self) -> str:
+        self.proxy.log.flush()  # access lines are buffered up to 50 ms
+        return self.log_stream.getvalue()
+
     def log_lines(self) -> list[dict[str, Any]]:
-        return [json.loads(line) for line in self.log_stream.getvalue().splitlines() if line]
+        return [json.loads(line) for line in self.log_text().splitlines() if line]
 
     def metrics_text(self) -> str:
         return self.proxy.metrics.render().decode()

@@ -230,7 +230,7 @@ async def test_rotation_new_kid_accepted_after_one_refetch(
     assert jwks.fetches == 2
     fetch_lines = [line for line in proxy.log_lines() if line["event"] == "jwks_fetch"]
     assert fetch_lines[-1]["added"] == ["new"]
-    assert "BEGIN" not in proxy.log_stream.getvalue()
+    assert "BEGIN" not in proxy.log_text()
     metrics = proxy.metrics_text()
     assert 'token_proxy_jwks_fetches_total{app="idp",result="ok"} 2.0' in metrics
     assert 'token_proxy_jwks_keys{app="idp"} 2.0' in metrics

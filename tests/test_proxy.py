@@ -391,7 +391,7 @@ async def test_every_token_reason_end_to_end(
     body = await response.json()
     assert body == {"error": {"code": code, "name": name, "message": message, "reason": reason}}
     assert len(response.headers["X-Request-Id"]) == 32
-    assert token not in proxy.log_stream.getvalue()
+    assert token not in proxy.log_text()
     assert f'reason="{reason}"' in proxy.metrics_text()
 
 
@@ -564,7 +564,7 @@ async def test_valid_token_forwards_identity_and_request_id(proxy_for: ProxyFact
         "bytes_out",
         "reason",
     }
-    assert token not in proxy.log_stream.getvalue()
+    assert token not in proxy.log_text()
 
 
 IDENTITY = {

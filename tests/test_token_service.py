@@ -130,7 +130,7 @@ async def test_jwt_bearer_end_to_end(service: RunningProxy) -> None:
     assert 'token_proxy_tokens_issued_total{client="app-123",grant="jwt-bearer"} 1.0' in (
         service.metrics_text()
     )
-    assert body["access_token"] not in service.log_stream.getvalue()
+    assert body["access_token"] not in service.log_text()
 
 
 async def test_client_secret_post_works_too(service: RunningProxy) -> None:
