@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import SECRET_B64
+from tests.conftest import SECRET_B64, KeyFiles
 
 ROOT = Path(__file__).resolve().parent.parent
 ENV = {
@@ -19,12 +19,14 @@ ENV = {
     "IDP_JWKS_URL": "https://login.example.com/.well-known/jwks.json",
     "BACKOFFICE_SECRET": SECRET_B64,
     "PARTNER_SECRET": SECRET_B64,
+    "USERS_SECRET": SECRET_B64,
+    "APP_123_SECRET": "a-client-secret-of-24-chars",
 }
 
 
 @pytest.mark.parametrize("example", sorted(p.name for p in (ROOT / "config").glob("*.yaml")))
-def test_example_config_passes_check(example: str, tmp_path: Path) -> None:
-    env = {**os.environ, **ENV}
+def test_example_config_passes_check(example: str, keys: KeyFiles) -> None:
+    env = {**os.environ, **ENV, "SIGNING_KEY_FILE": keys.path("ec.key")}
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "check", "--config", str(ROOT / "config" / example)],
         capture_output=True,
