@@ -234,6 +234,7 @@ backend be
         cache: bool = True,
         access: bool = False,
         workers: int = 1,
+        listener: bool = False,
     ) -> Server:
         port = free_port()
         app: dict[str, Any] = {"id": "bench", "match": {"claim": "appId"}, "algorithms": [alg]}
@@ -254,6 +255,8 @@ backend be
         path = self.work / f"{name}.yaml"
         path.write_text(json.dumps(config))
         command = [PYTHON, "-m", "proxy", "serve", "--config", str(path)]
+        if listener:  # the bench-only prototype: the product's decision on httptools
+            command = [PYTHON, str(ROOT / "bench" / "httptools_listener.py"), str(path)]
         if workers > 1:
             command += ["--workers", str(workers)]
         cpu = PROXY_CPU if workers == 1 else f"{PROXY_CPU},{LOAD_CPU}"
@@ -390,6 +393,9 @@ def main() -> int:
             ),
             "HS256 cache, 2 workers": lambda: bench.token_proxy(
                 "hs-workers", up, "HS256", workers=2
+            ),
+            "prototype listener HS256 cache": lambda: bench.token_proxy(
+                "hs-prototype", up, "HS256", listener=True
             ),
         }
         if args.only:

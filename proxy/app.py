@@ -373,30 +373,10 @@ class Proxy:
             path, route = decided.path, decided.route
         else:
             path = request.raw_path.partition("?")[0][:2048]
-        self.log.write(
-            {
-                "time": self.log.now(),
-                "level": "info",
-                "event": "request",
-                "request_id": rid,
-                "method": request.method,
-                "path": path,
-                "route": route,
-                "status": status,
-                "outcome": outcome,
-                "reason": reason,
-                "app": app,
-                "client": request.remote or "",
-                "duration_ms": round(elapsed * 1000, 3),
-                "upstream_ms": (
-                    round(traffic.upstream_seconds * 1000, 3)
-                    if traffic.upstream_seconds is not None
-                    else None
-                ),
-                "bytes_in": traffic.bytes_in,
-                "bytes_out": traffic.bytes_out,
-            }
-        )
+        self.log.access(
+            rid, request.method, path, route, status, outcome, reason, app, request.remote or "",
+            elapsed, traffic.upstream_seconds, traffic.bytes_in, traffic.bytes_out,
+        )  # fmt: skip
 
 
 def _upstream_name(decided: Decision | Rejection | None) -> str:
