@@ -113,7 +113,7 @@ class Connection(asyncio.Protocol):
             )  # fmt: skip
             outcome, reason, app = "forwarded", "", decision.app
         except (Rejection, UpstreamError) as error:
-            status, body, challenge = state.errors._rendered[error.reason]
+            status, body, challenge = state.errors.rendered(error.reason)
             outcome = CONTRACT[error.reason].name
             reason, app = error.reason.value, getattr(error, "app", "")
             lines = [f"HTTP/1.1 {status} X\r\nContent-Type: application/json\r\n"

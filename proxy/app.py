@@ -2,7 +2,7 @@
 
     resources = Resources(metrics, log)                # per process: pools, JWKS sources
     proxy = Proxy(await resources.prepare(config), resources)
-    server = make_server(proxy.handle, config)         # aiohttp low-level server
+    server = make_server(proxy, config)                # aiohttp low-level server
     proxy.swap(await resources.prepare(new_config))    # SIGHUP: atomic, in-flight untouched
 
 Everything aiohttp-specific about a request happens here: it becomes a `RequestView`, the core
@@ -67,6 +67,10 @@ class ErrorBodies:
                     f'error_description="{outcome.message}"'
                 )
             self._rendered[reason] = (outcome.status, body, challenge)
+
+    def rendered(self, reason: Reason) -> tuple[int, bytes, str | None]:
+        """Status, body and challenge (None: no challenge) of one reason."""
+        return self._rendered[reason]
 
     def response(
         self, reason: Reason, rid_name: str, rid: str, retry_after: int | None = None

@@ -562,3 +562,36 @@ async def test_http_10_client(proxy_for: ProxyFactory) -> None:
         proxy.url, b"GET /x HTTP/1.0\r\nHost: h\r\nConnection: keep-alive\r\n\r\n", read_timeout=0.5
     )
     assert parse_head(kept)[1]["connection"] == ["keep-alive"]
+
+
+async def test_response_trailers_are_not_forwarded(proxy_for: ProxyFactory) -> None:
+    answer = (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTrailer: X-Checksum\r\n\r\n"
+        b"2\r\nhi\r\n0\r\nX-Checksum: abc\r\n\r\n"
+    )
+
+    class Raw(asyncio.Protocol):
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            self.transport = transport
+
+        def data_received(self, data: bytes) -> None:
+            self.transport.write(answer)  # type: ignore[attr-defined]
+
+    server = await asyncio.get_running_loop().create_server(Raw, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        proxy = await proxy_for(
+            {
+                "upstream": {"url": f"http://127.0.0.1:{port}"},
+                "routes": [{"path": "/*", "auth": "none"}],
+            }
+        )
+        raw = await raw_exchange(
+            proxy.url, b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        )
+    finally:
+        server.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert b"X-Checksum" not in head
+    assert b"Trailer" not in head
+    assert body == b"hi"

@@ -940,3 +940,23 @@ async def test_reload_empties_the_cache(proxy_for: ProxyFactory, tmp_path: Any) 
     response = await proxy.get("/x", token=token)
     assert response.status == 401
     assert (await response.json())["error"]["reason"] == "bad_signature"
+
+
+async def test_bad_input_never_crashes(proxy_for: ProxyFactory) -> None:
+    proxy = await proxy_for({**STRICT, "token": {"max_length": 8192}})
+    deep = raw_token({"alg": "HS256"}, b"[" * 3000 + b"]" * 3000)
+    response = await proxy.get("/x", token=deep)
+    assert (await response.json())["error"]["reason"] == "malformed"
+    huge_number = raw_token({"alg": "HS256"}, b'{"exp": 1' + b"0" * 5000 + b"}")
+    response = await proxy.get("/x", token=huge_number)
+    assert (await response.json())["error"]["reason"] == "malformed"
+    nan = hs256({"alg": "HS256"}, {"exp": 1}).split(".")
+    nan[1] = base64.urlsafe_b64encode(b'{"exp": NaN}').rstrip(b"=").decode()
+    response = await proxy.get("/x", token=".".join(nan))
+    assert (await response.json())["error"]["reason"] == "malformed"
+    raw = await raw_exchange(
+        proxy.url,
+        b"GET /caf\xe9/\xff\xfe HTTP/1.1\r\nHost: a\r\nX-Odd: \xff\r\nConnection: close\r\n\r\n",
+    )
+    assert parse_head(raw)[0] in (400, 401)
+    assert (await proxy.get("/public")).status == 200  # and the proxy still serves
