@@ -1,0 +1,168 @@
+"""Instructions per request under callgrind: where token-proxy's CPU goes, repeatably.
+
+    .venv/bin/python bench/callgrind.py [--requests 2000] [--only NAME]...
+
+Wall-clock numbers on a shared 2-core machine move by 10-20% between runs; instruction counts
+do not. Each variant runs under `valgrind --tool=callgrind` against nginx on loopback; a
+client sends 200 warm-up requests, the counters are zeroed, then N requests over 8 keep-alive
+connections (one request in flight per connection), the counters are dumped and divided by N.
+Needs valgrind (apt) and nginx; the numbers go to stdout and bench/results/callgrind.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from run import HS_SECRET, PYTHON, ROOT, Bench, free_port, wait_http
+
+CONNECTIONS = 8
+WARM_UP = 200
+
+
+async def load(port: int, count: int, token: str | None) -> None:
+    """`count` GETs over CONNECTIONS keep-alive connections; every answer must be 200."""
+
+    async def one_connection(n: int) -> None:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        auth = f"Authorization: Bearer {token}\r\n" if token else ""
+        request = f"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n".encode()
+        for _ in range(n):
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            if not head.startswith(b"HTTP/1.1 200"):
+                raise RuntimeError(head.split(b"\r\n", 1)[0].decode())
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            await reader.readexactly(length)
+        writer.close()
+
+    await asyncio.gather(*(one_connection(count // CONNECTIONS) for _ in range(CONNECTIONS)))
+
+
+def measure(work: Path, name: str, command: list[str], port: int, token: str | None, n: int) -> int:
+    out = work / f"{name.replace(' ', '_')}.%p.out"
+    process = subprocess.Popen(
+        ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 180  # python starts slowly under valgrind
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"{name}: exited with {process.returncode}")
+            try:
+                wait_http(f"http://127.0.0.1:{port}/healthz", seconds=2)
+                break
+            except RuntimeError:
+                if time.monotonic() > deadline:
+                    raise
+        asyncio.run(load(port, WARM_UP, token))
+        subprocess.run(
+            ["callgrind_control", "-z", str(process.pid)], check=True, capture_output=True
+        )
+        asyncio.run(load(port, n, token))
+        subprocess.run(
+            ["callgrind_control", "--dump=measured", str(process.pid)],
+            check=True,
+            capture_output=True,
+        )
+    finally:
+        process.terminate()
+        process.wait(timeout=120)
+    dumps = sorted(work.glob(f"{name.replace(' ', '_')}.{process.pid}.out.*"))
+    total = 0
+    for dump in dumps:  # the dump taken after the measured requests
+        for line in dump.read_text(errors="replace").splitlines():
+            if line.startswith("summary:"):
+                total = int(line.split()[1])
+    return total // n
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--only", action="append", help="a variant name (repeatable)")
+    args = parser.parse_args()
+    for tool in ("valgrind", "callgrind_control", "nginx"):
+        if shutil.which(tool) is None:
+            print(f"callgrind: {tool} is missing (apt-get install valgrind nginx)", file=sys.stderr)
+            return 2
+    work = Path(tempfile.mkdtemp(prefix="token-proxy-callgrind-"))
+    bench = Bench(work, seconds=1, connections=1)
+    token = bench.tokens["HS256"]["valid"]
+    results: dict[str, int] = {}
+    try:
+        upstream = bench.nginx().url
+        floor = str(ROOT / "bench" / "floor.py")
+
+        def proxy(port: int, access: bool, auth: bool) -> list[str]:
+            config = {
+                "listen": f"127.0.0.1:{port}",
+                "admin_listen": None,
+                "log": {"access": access, "level": "warning"},
+                "upstream": {"url": upstream},
+                "apps": [
+                    {"id": "bench", "match": {"claim": "appId"}, "algorithms": ["HS256"],
+                     "secret_encoding": "raw", "secrets": [HS_SECRET]}
+                ],
+                "routes": [{"path": "/healthz", "auth": "none"},
+                           {"path": "/*", "auth": "required" if auth else "none"}],
+            }  # fmt: skip
+            path = work / f"proxy-{port}.yaml"
+            path.write_text(json.dumps(config))
+            return ["-m", "proxy", "serve", "--config", str(path)]
+
+        no_uvloop = ["-c", "import sys; sys.modules['uvloop'] = None; "
+                     "from proxy.cli import main; sys.exit(main())"]  # fmt: skip
+        variants: dict[str, Callable[[int], list[str]]] = {
+            "aiohttp server, constant response": lambda port: [floor, str(port)],
+            "aiohttp server + our upstream pool": lambda port: [
+                floor, str(port), "--forward", upstream, "--client", "pool"],
+            "aiohttp server + ClientSession": lambda port: [
+                floor, str(port), "--forward", upstream, "--client", "session"],
+            "token-proxy passthrough": lambda port: proxy(port, access=False, auth=False),
+            "token-proxy HS256, cache hit": lambda port: proxy(port, access=False, auth=True),
+            "token-proxy HS256, cache hit, access log": lambda port: proxy(
+                port, access=True, auth=True),
+            # the product's CLI with uvloop made unimportable: its asyncio fallback
+            "token-proxy HS256, cache hit, asyncio loop": lambda port: [
+                *no_uvloop, *proxy(port, access=False, auth=True)[2:]],
+        }  # fmt: skip
+        wanted = set(args.only or variants)
+        for name, arguments in variants.items():
+            if name not in wanted:
+                continue
+            port = free_port()
+            command = [PYTHON, *arguments(port)]
+            sends_token = "HS256" in name
+            started = time.monotonic()
+            results[name] = measure(
+                work, name, command, port, token if sends_token else None, args.requests
+            )
+            print(
+                f"{name:45} {results[name]:>9,} instructions/request "
+                f"({time.monotonic() - started:.0f} s)",
+                flush=True,
+            )
+    finally:
+        bench.stop()
+        shutil.rmtree(work, ignore_errors=True)
+    out = ROOT / "bench" / "results" / "callgrind.json"
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
