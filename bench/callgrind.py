@@ -133,9 +133,16 @@ def main() -> int:
             "aiohttp server + ClientSession": lambda port: [
                 floor, str(port), "--forward", upstream, "--client", "session"],
             "token-proxy passthrough": lambda port: proxy(port, access=False, auth=False),
+            # the same request bytes as the HS256 cases: what the token check alone costs
+            "token-proxy passthrough, token sent along": lambda port: proxy(
+                port, access=False, auth=False),
             "token-proxy HS256, cache hit": lambda port: proxy(port, access=False, auth=True),
             "token-proxy HS256, cache hit, access log": lambda port: proxy(
                 port, access=True, auth=True),
+            # bench-only: aiohttp's server replaced by the httptools prototype
+            "prototype httptools listener, HS256, cache hit": lambda port: [
+                str(ROOT / "bench" / "httptools_listener.py"),
+                proxy(port, access=False, auth=True)[-1]],
             # the product's CLI with uvloop made unimportable: its asyncio fallback
             "token-proxy HS256, cache hit, asyncio loop": lambda port: [
                 *no_uvloop, *proxy(port, access=False, auth=True)[2:]],
@@ -146,7 +153,7 @@ def main() -> int:
                 continue
             port = free_port()
             command = [PYTHON, *arguments(port)]
-            sends_token = "HS256" in name
+            sends_token = "HS256" in name or "token sent" in name
             started = time.monotonic()
             results[name] = measure(
                 work, name, command, port, token if sends_token else None, args.requests
@@ -160,7 +167,8 @@ def main() -> int:
         bench.stop()
         shutil.rmtree(work, ignore_errors=True)
     out = ROOT / "bench" / "results" / "callgrind.json"
-    out.write_text(json.dumps(results, indent=2) + "\n")
+    earlier = json.loads(out.read_text()) if out.exists() else {}  # --only updates those
+    out.write_text(json.dumps({**earlier, **results}, indent=2) + "\n")
     return 0
 
 

@@ -4,9 +4,11 @@
     .venv/bin/python bench/run.py        # --rounds 3 --seconds 10; writes bench/results/
 
 Layout (2 cores): the proxy under test on CPU 0; nginx (the upstream) and wrk (1 thread,
-64 connections) on CPU 1. Every case is checked first (valid 200, bad signature 401, expired
-401, missing 401), then measured in interleaved rounds; ratios are taken inside each round and
-the report quotes medians. Proxy CPU per request comes from /proc (utime + stime).
+64 connections) on CPU 1. Every case gets the same request, GET /x with a valid token (RS256
+for the RS256 cases, HS256 otherwise; the floor and passthrough ignore it). Every case is
+checked first (valid 200, bad signature 401, expired 401, missing 401), then measured in
+interleaved rounds; ratios are taken inside each round and the report quotes medians. Proxy
+CPU per request comes from /proc (utime + stime).
 """
 
 from __future__ import annotations
@@ -97,6 +99,7 @@ class Server:
     url: str
     process: subprocess.Popen[bytes]
     tokens: dict[str, str | None] = field(default_factory=dict)
+    load_token: str | None = None  # sent with every measured request
 
     def pids(self) -> list[int]:
         return descendants(self.process.pid)
@@ -223,6 +226,7 @@ backend be
             f"http://127.0.0.1:{port}",
         )
         server.tokens = self.tokens[alg]
+        server.load_token = server.tokens["valid"]
         return server
 
     def token_proxy(
@@ -263,18 +267,22 @@ backend be
         server = self.spawn(name, cpu, command, f"http://127.0.0.1:{port}", cwd=ROOT)
         if alg:
             server.tokens = self.tokens[alg]
+        # Passthrough gets the same request bytes too, so that the difference is the check.
+        server.load_token = self.tokens[alg or "HS256"]["valid"]
         if workers > 1:
             time.sleep(2)  # both workers up
         return server
 
     def aiohttp_floor(self) -> Server:
         port = free_port()
-        return self.spawn(
+        server = self.spawn(
             "aiohttp-floor",
             PROXY_CPU,
             [PYTHON, str(ROOT / "bench" / "floor.py"), str(port)],
             f"http://127.0.0.1:{port}",
         )
+        server.load_token = self.tokens["HS256"]["valid"]  # the same request bytes as the others
+        return server
 
     # --- measuring -------------------------------------------------------------------------
 
@@ -289,7 +297,7 @@ backend be
             assert got == code, f"{server.name}: {kind} token gave {got}, expected {code}"
 
     def wrk(self, server: Server, connections: int | None = None) -> dict[str, float]:
-        token = server.tokens.get("valid")
+        token = server.load_token
         header = ["-H", f"Authorization: Bearer {token}"] if token else []
         pids = server.pids()
         before = cpu_seconds(pids)
