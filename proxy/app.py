@@ -413,21 +413,21 @@ class _QuietHandler(RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("response already started")
-        manager = self._manager
-        log: Log | None = getattr(manager, "log", None)
-        if isinstance(exc, InvalidURLError) and isinstance(manager, Server):
-            response = manager.bad_path()  # a target that is not a path: the contract's answer
-            response.force_close()
-            return response
-        if isinstance(exc, LineTooLong):
-            status, body = 431, _TOO_LARGE
-        elif status == 400:
-            body = _BAD_REQUEST
+        manager: Server = self._manager  # type: ignore[assignment]  # made by Server.__call__
+        if isinstance(exc, InvalidURLError):  # a target that is not a path: the contract's answer
+            response = manager.answer(Reason.BAD_PATH)
+        elif status == 400 or isinstance(exc, LineTooLong):
+            too_long = isinstance(exc, LineTooLong)
+            status, body = (431, _TOO_LARGE) if too_long else (400, _BAD_REQUEST)
+            rid_name, rid = manager.request_id()
+            manager.log.event(
+                "warning", "bad_request", status=status, request_id=rid, client=request.remote or ""
+            )
+            response = web.Response(
+                status=status, body=body, content_type="application/json", headers={rid_name: rid}
+            )
         else:
-            status, body = 500, b'{"error":{"code":500,"name":"InternalError"}}'
-        if log is not None:
-            log.event("warning", "bad_request", status=status, client=request.remote or "")
-        response = web.Response(status=status, body=body, content_type="application/json")
+            response = manager.answer(Reason.INTERNAL)
         response.force_close()
         return response
 
@@ -438,29 +438,30 @@ class _QuietHandler(RequestHandler):
 class Server(web.Server):
     """aiohttp's low-level server with `_QuietHandler` connections."""
 
-    def __init__(
-        self, handler: Handler, log: Log, bad_path: Callable[[], web.Response], **kwargs: Any
-    ) -> None:
+    def __init__(self, handler: Handler, proxy: Proxy, **kwargs: Any) -> None:
         super().__init__(handler, **kwargs)
-        self.log = log
-        self.bad_path = bad_path
+        self.proxy = proxy
+        self.log = proxy.log
 
     def __call__(self) -> RequestHandler:
         return _QuietHandler(self, loop=self._loop, **self._kwargs)
+
+    def request_id(self) -> tuple[str, str]:
+        """The request id header's name and a fresh id, for requests that never parsed."""
+        return self.proxy.state.config.forward.request_id_header, request_id(None)
+
+    def answer(self, reason: Reason) -> web.Response:
+        """The contract's answer to a request aiohttp could not hand to `Proxy.handle`."""
+        rid_name, rid = self.request_id()
+        return self.proxy.state.errors.response(reason, rid_name, rid)
 
 
 def make_server(proxy: Proxy, config: Config) -> Server:
     """The main listener's server: header limits fixed from `max_length` at start."""
     limit = max(8190, config.token.max_length + 1024)
-
-    def bad_path() -> web.Response:
-        rid_name = proxy.state.config.forward.request_id_header
-        return proxy.state.errors.response(Reason.BAD_PATH, rid_name, request_id(None))
-
     return Server(
         proxy.handle,
-        proxy.log,
-        bad_path,
+        proxy,
         max_line_size=limit,
         max_field_size=limit,
         access_log=None,

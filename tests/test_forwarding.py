@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import ssl
 from pathlib import Path
 from typing import Any
@@ -290,11 +291,31 @@ async def test_malformed_request_line_gets_fixed_body_and_no_echo(
     proxy = await proxy_for({"routes": [{"path": "/*", "auth": "none"}]})
     secret_ish = "eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiJ4In0.c2lnbmF0dXJl"
     raw = await raw_exchange(proxy.url, f"GET /x?t={secret_ish} HTTP/9\x01\r\n\r\n".encode())
-    status, _, body = parse_head(raw)
+    status, headers, body = parse_head(raw)
     assert status == 400
     assert secret_ish.encode() not in raw
     assert len(body) < 200
+    assert json.loads(body)["error"]["code"] == 400
     assert secret_ish not in proxy.log_text()
+    # the request id is on this answer too, and in the log line about it
+    (rid,) = headers["x-request-id"]
+    assert re.fullmatch("[0-9a-f]{32}", rid)
+    logged = [line for line in proxy.log_lines() if line["event"] == "bad_request"]
+    assert logged[-1]["request_id"] == rid
+    assert logged[-1]["status"] == 400
+
+
+@pytest.mark.parametrize("target", ["foo", "*", "example.com:443", "http://[::1"])
+async def test_target_that_is_not_a_path_gets_bad_path(
+    proxy_for: ProxyFactory, upstream: Upstream, target: str
+) -> None:
+    proxy = await proxy_for({"routes": [{"path": "/*", "auth": "none"}]})
+    raw = await raw_exchange(proxy.url, f"GET {target} HTTP/1.1\r\nHost: a\r\n\r\n".encode())
+    status, headers, body = parse_head(raw)
+    assert status == 400
+    assert json.loads(body)["error"]["reason"] == "bad_path"
+    assert headers["x-request-id"]
+    assert not upstream.seen
 
 
 async def test_over_long_header_gets_431_and_no_echo(proxy_for: ProxyFactory) -> None:
@@ -303,8 +324,9 @@ async def test_over_long_header_gets_431_and_no_echo(proxy_for: ProxyFactory) ->
     raw = await raw_exchange(
         proxy.url, f"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {huge}\r\n\r\n".encode()
     )
-    status, _, body = parse_head(raw)
-    assert status in (400, 431)
+    status, headers, body = parse_head(raw)
+    assert status == 431
+    assert headers["x-request-id"]
     assert huge.encode() not in raw and len(body) < 200
     assert huge not in proxy.log_text()
 

@@ -531,6 +531,26 @@ async def test_internal_error_is_500_logged_with_traceback(
 # --- Forwarding what the token proved ----------------------------------------------------------
 
 
+@pytest.mark.parametrize(
+    ("scopes", "status"),
+    [
+        pytest.param({"scope": None, "scp": ["threads:write"]}, 200, id="scp-list"),
+        pytest.param({"scope": None, "scp": "a threads:write"}, 200, id="scp-string"),
+        pytest.param({"scope": ["threads:write", 7]}, 200, id="scope-list"),
+        pytest.param({"scope": "threads:read", "scp": ["threads:write"]}, 200, id="union"),
+        pytest.param({"scope": "threads:writer"}, 403, id="no-prefix-match"),
+        pytest.param({"scope": None, "scp": {"threads:write": True}}, 403, id="object-ignored"),
+    ],
+)
+async def test_scopes_come_from_scope_and_scp(
+    proxy_for: ProxyFactory, scopes: dict[str, Any], status: int
+) -> None:
+    proxy = await proxy_for(STRICT)
+    claims = {k: v for k, v in good(**scopes).items() if v is not None}
+    response = await proxy.get("/v1/users/42/threads", token=mint(**claims))
+    assert response.status == status
+
+
 async def test_valid_token_forwards_identity_and_request_id(proxy_for: ProxyFactory) -> None:
     proxy = await proxy_for(STRICT)
     token = mint(**good(act={"sub": "app-9"}))
