@@ -42,6 +42,10 @@ from .tokens import Verifier, service_app
 from .websocket import WebSocketClients, is_websocket, relay
 
 Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
+# The token service's handler: its answer and its OAuth error word ("" on success).
+ServiceHandler = Callable[[web.BaseRequest], Awaitable[tuple[web.StreamResponse, str]]]
+# The access-log outcome of a token-service request (not a proxied one: not in requests_total).
+SERVICE_OUTCOME = "token_service"
 
 
 class ErrorBodies:
@@ -219,7 +223,7 @@ class Proxy:
         self.log = resources.log
         self.clock = resources.clock
         self.scheme = scheme
-        self.service: Handler | None = None
+        self.service: ServiceHandler | None = None
         resources.activate(state)
 
     def swap(self, state: State) -> None:
@@ -247,7 +251,8 @@ class Proxy:
                 and self.service is not None
                 and request.raw_path.partition("?")[0] in SERVICE_PATHS
             ):
-                response = await self.service(request)
+                outcome = SERVICE_OUTCOME
+                response, reason = await self.service(request)
                 response.headers[rid_name] = rid
                 return response
             view = RequestView(request.method, request.raw_path, request.headers, peer, self.scheme)
@@ -283,7 +288,8 @@ class Proxy:
                 )
             if response is not None:
                 elapsed = time.perf_counter() - started
-                metrics.request(outcome, reason, app, elapsed)
+                if outcome != SERVICE_OUTCOME:
+                    metrics.request(outcome, reason, app, elapsed)
                 if traffic.upstream_seconds is not None:
                     metrics.upstream(_upstream_name(decided), traffic.upstream_seconds)
                 if config.access_log:
@@ -377,6 +383,8 @@ class Proxy:
             path, route = decided.path, decided.route
         else:
             path = request.raw_path.partition("?")[0][:2048]
+            if outcome == SERVICE_OUTCOME:
+                route = path  # one of the service's fixed paths
         self.log.access(
             rid, request.method, path, route, status, outcome, reason, app, request.remote or "",
             elapsed, traffic.upstream_seconds, traffic.bytes_in, traffic.bytes_out,

@@ -3,6 +3,9 @@
     service = TokenService(lambda: proxy.state, metrics, clock=time.time)
     proxy.service = service.handle      # answers /oauth/token and /.well-known/* first
 
+`handle` returns the answer and its RFC 6749 error word, which the access log shows as the
+reason of outcome `token_service` (these requests are not proxied: not in requests_total).
+
 Credentials and subject tokens are checked by the proxy's own `Verifier` (SPEC §4 steps 4-7),
 so what the service accepts is exactly what the proxy would. Issued tokens are signed with the
 first `signing_keys` entry and carry its RFC 7638 thumbprint as `kid`; the proxy accepts them
@@ -81,7 +84,8 @@ class TokenService:
         self.metrics = metrics
         self.clock = clock
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: web.BaseRequest) -> tuple[web.StreamResponse, str]:
+        """The answer, and the RFC 6749 error word for the access log ("" on success)."""
         state = self.state()
         service = state.config.token_service
         path = request.raw_path.partition("?")[0]
@@ -89,17 +93,23 @@ class TokenService:
             raise web.HTTPNotFound()
         if path == "/oauth/token":
             if request.method != "POST":
-                return _json(_error("invalid_request", "use POST"), 405, Allow="POST")
+                return _json(_error("invalid_request", "use POST"), 405, Allow="POST"), (
+                    "invalid_request"
+                )
             try:
-                return await self.token(request, state, service)
+                return await self.token(request, state, service), ""
             except OAuthError as error:
                 extra = {"WWW-Authenticate": 'Basic realm="token"'} if error.status == 401 else {}
-                return _json(_error(error.error, error.description), error.status, **extra)
+                return _json(_error(error.error, error.description), error.status, **extra), (
+                    error.error
+                )
         if request.method not in ("GET", "HEAD"):
-            return _json(_error("invalid_request", "use GET"), 405, Allow="GET, HEAD")
+            return _json(_error("invalid_request", "use GET"), 405, Allow="GET, HEAD"), (
+                "invalid_request"
+            )
         if path == "/.well-known/jwks.json":
-            return _json({"keys": published_keys(service)}, cache="max-age=300")
-        return _json(metadata(service), cache="max-age=300")
+            return _json({"keys": published_keys(service)}, cache="max-age=300"), ""
+        return _json(metadata(service), cache="max-age=300"), ""
 
     async def token(
         self, request: web.BaseRequest, state: _State, service: ServiceConfig

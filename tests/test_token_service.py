@@ -131,6 +131,22 @@ async def test_jwt_bearer_end_to_end(service: RunningProxy) -> None:
         service.metrics_text()
     )
     assert body["access_token"] not in service.log_text()
+    # one access line per service request, kept out of the proxied requests' counter
+    line = [x for x in service.log_lines() if x.get("route") == "/oauth/token"][-1]
+    assert (line["event"], line["status"], line["outcome"], line["reason"]) == (
+        "request",
+        200,
+        "token_service",
+        "",
+    )
+    assert line["request_id"] == response.headers["X-Request-Id"]
+    counted = [
+        line
+        for line in service.metrics_text().splitlines()
+        if line.startswith("token_proxy_requests_total{")
+    ]
+    assert len(counted) == 1  # the proxied /api/things only
+    assert 'app="token-service"' in counted[0] and counted[0].endswith(" 1.0")
 
 
 async def test_client_secret_post_works_too(service: RunningProxy) -> None:
@@ -167,6 +183,15 @@ async def test_invalid_client(service: RunningProxy, client: tuple[str, str] | N
     assert status == 401
     assert body["error"] == "invalid_client"
     assert response.headers["WWW-Authenticate"].startswith("Basic")
+    line = service.log_lines()[-1]
+    assert (line["route"], line["status"], line["outcome"], line["reason"]) == (
+        "/oauth/token",
+        401,
+        "token_service",
+        "invalid_client",
+    )
+    if client is not None:
+        assert client[1] not in service.log_text()
 
 
 GRANT_ERRORS = [
