@@ -225,6 +225,7 @@ class Runtime:
             loop.remove_signal_handler(signum)
             signal.signal(signum, signal.SIG_IGN)  # drained: a late signal must not turn exit 0
         self.log.event("info", "shutdown", phase="done")
+        self.log.flush()  # access lines still buffered (the event above may be below the level)
         return 0
 
     async def _report_status(self) -> None:

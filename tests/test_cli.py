@@ -398,3 +398,39 @@ def test_demo_curl_lines_work_as_printed() -> None:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
     assert process.returncode == 0
+
+
+def test_serve_flags_override_the_file_found_by_env(
+    served: tuple[str, Path], tmp_path: Path
+) -> None:
+    """`--listen`, `--upstream` and `--log-level` win over the file `TOKEN_PROXY_CONFIG` names."""
+    url, _ = served  # a running proxy: our override upstream is that proxy's /healthz route
+    admin = free_port()
+    config = write_config(
+        tmp_path,
+        {
+            "listen": "127.0.0.1:9",  # overridden; port 9 would fail to bind
+            "admin_listen": f"127.0.0.1:{admin}",
+            "upstream": {"url": "http://127.0.0.1:9"},  # overridden; nothing listens there
+            "log": {"level": "info"},
+            "routes": [{"path": "/*", "auth": "none"}],
+        },
+    )
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "serve", "--listen", f"127.0.0.1:{port}",
+         "--upstream", url, "--log-level", "warning"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TOKEN_PROXY_CONFIG": str(config)},
+    )  # fmt: skip
+    try:
+        wait_ready(f"http://127.0.0.1:{admin}/readyz")
+        assert http_status(f"http://127.0.0.1:{port}/healthz", "GET", None)[0] == 200
+    finally:
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=30)
+    assert process.returncode == 0
+    events = [json.loads(line)["event"] for line in output.decode().splitlines()]
+    assert "start" not in events  # an info event, below --log-level warning
+    assert "request" in events  # access lines are written whatever the level
