@@ -428,7 +428,7 @@ class _QuietHandler(RequestHandler):
             too_long = isinstance(exc, LineTooLong)
             status, body = (431, _TOO_LARGE) if too_long else (400, _BAD_REQUEST)
             rid_name, rid = manager.request_id()
-            manager.log.event(
+            manager.proxy.log.event(
                 "warning", "bad_request", status=status, request_id=rid, client=request.remote or ""
             )
             response = web.Response(
@@ -446,10 +446,9 @@ class _QuietHandler(RequestHandler):
 class Server(web.Server):
     """aiohttp's low-level server with `_QuietHandler` connections."""
 
-    def __init__(self, handler: Handler, proxy: Proxy, **kwargs: Any) -> None:
-        super().__init__(handler, **kwargs)
+    def __init__(self, proxy: Proxy, **kwargs: Any) -> None:
+        super().__init__(proxy.handle, **kwargs)
         self.proxy = proxy
-        self.log = proxy.log
 
     def __call__(self) -> RequestHandler:
         return _QuietHandler(self, loop=self._loop, **self._kwargs)
@@ -468,7 +467,6 @@ def make_server(proxy: Proxy, config: Config) -> Server:
     """The main listener's server: header limits fixed from `max_length` at start."""
     limit = max(8190, config.token.max_length + 1024)
     return Server(
-        proxy.handle,
         proxy,
         max_line_size=limit,
         max_field_size=limit,

@@ -2,7 +2,7 @@
 
     plan = HeaderPlan(config.forward)                       # once per config
     head = plan.request_head(method, path, query, raw_headers, forwarding)   # bytes for upstream
-    headers = response_headers(upstream_raw_headers)        # for the client
+    head = response_head(status, reason, upstream_raw_headers, ...)  # a whole answer's bytes
 
 Headers go upstream as they came (bytes, order, repeats), less hop-by-hop headers and what the
 proxy sets itself; identity headers are always removed (with their `_` variants) and then set
@@ -169,30 +169,33 @@ def remove_cookie(line: bytes, name: str) -> bytes:
     return b"; ".join(p for p in kept if p)
 
 
-def response_headers(
-    raw: list[tuple[bytes, bytes]], request_id_name: str, rid: str, drop_length: bool = False
-) -> list[tuple[str, str]]:
-    """The upstream's response headers for the client: all but hop-by-hop, repeats kept.
-
-    `drop_length`: the body is complete and the length header is left to aiohttp.
-    """
-    kept: list[tuple[str, str]] = []
-    listed: frozenset[bytes] = frozenset()
+def _end_to_end(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
+    """(lower-case name, name, value) of a response's headers that are not hop-by-hop."""
+    kept: list[tuple[bytes, bytes, bytes]] = []
+    listed = _NOTHING
     for name, value in raw:
         lower = name.lower()
         if lower in HOP_BY_HOP or lower.startswith(b"proxy-"):
             if lower == b"connection":
                 listed |= _listed(value)
             continue
-        if drop_length and lower == b"content-length":
-            continue
+        kept.append((lower, name, value))
+    if listed:  # names a Connection header lists are hop-by-hop too
+        kept = [header for header in kept if header[0] not in listed]
+    return kept
+
+
+def response_headers(
+    raw: list[tuple[bytes, bytes]], request_id_name: str, rid: str
+) -> list[tuple[str, str]]:
+    """The upstream's response headers for a streamed answer, as text; repeats kept."""
+    kept: list[tuple[str, str]] = []
+    for _, name, value in _end_to_end(raw):
         try:
             text = value.decode()
         except UnicodeDecodeError:
             text = value.decode("latin-1")
         kept.append((name.decode("latin-1"), text))
-    if listed:
-        kept = [(name, value) for name, value in kept if name.lower().encode() not in listed]
     kept.append((request_id_name, rid))
     return kept
 
@@ -208,22 +211,12 @@ def response_head(
     old_client: bool,
 ) -> bytes:
     """The status line and headers of a whole response, in the upstream's bytes and order."""
-    kept: list[tuple[bytes, bytes, bytes]] = []
-    listed: frozenset[bytes] = frozenset()
-    dated = False
-    for name, value in raw:
-        lower = name.lower()
-        if lower in HOP_BY_HOP or lower.startswith(b"proxy-") or lower == b"content-length":
-            if lower == b"connection":
-                listed |= _listed(value)
-            continue
-        dated = dated or lower == b"date"
-        kept.append((lower, name, value))
+    kept = _end_to_end(raw)
     lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))]
-    if not dated:  # RFC 9110 §6.6.1: a proxy adds the Date an upstream left out
-        lines += (b"Date: ", http_date(), b"\r\n")
+    if not any(lower == b"date" for lower, _, _ in kept):
+        lines += (b"Date: ", http_date(), b"\r\n")  # RFC 9110 §6.6.1: a proxy adds it
     for lower, name, value in kept:
-        if lower not in listed:
+        if lower != b"content-length":  # ours below: the length of what we send
             lines += (name, b": ", value, b"\r\n")
     lines.append(b"Content-Length: %d\r\n" % length)
     lines += (request_id_name.encode(), b": ", rid.encode(), b"\r\n")

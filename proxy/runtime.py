@@ -74,6 +74,13 @@ def write_status(path: str, waiting_for: list[str]) -> None:
     os.replace(temporary, path)
 
 
+def ignore_late_signals(loop: asyncio.AbstractEventLoop) -> None:
+    """Drained: a signal arriving now must not turn the exit 0 into a kill."""
+    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
+        loop.remove_signal_handler(signum)
+        signal.signal(signum, signal.SIG_IGN)
+
+
 class _LogBridge(logging.Handler):
     """Python logging into our JSON lines; aiohttp's own texts are dropped (they echo requests)."""
 
@@ -221,9 +228,7 @@ class Runtime:
         if admin_runner is not None:
             await admin_runner.cleanup()
         await resources.close()
-        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-            signal.signal(signum, signal.SIG_IGN)  # drained: a late signal must not turn exit 0
+        ignore_late_signals(loop)
         self.log.event("info", "shutdown", phase="done")
         self.log.flush()  # access lines still buffered (the event above may be below the level)
         return 0

@@ -39,9 +39,6 @@ class Log:
     def set_level(self, level: str) -> None:
         self.threshold = _LEVELS.get(level, 20)
 
-    def enabled(self, level: str) -> bool:
-        return _LEVELS[level] >= self.threshold
-
     def now(self) -> str:
         """The current time as RFC 3339 UTC with milliseconds."""
         stamp = time.time()
@@ -55,20 +52,9 @@ class Log:
         """Write one line when `level` is at or above the configured level."""
         if _LEVELS[level] < self.threshold:
             return
-        self.write({"time": self.now(), "level": level, "event": event, **fields})
-        self.flush()
-
-    def write(self, line: dict[str, Any]) -> None:
-        """Queue one line; it is written within 50 ms (at once without a running loop)."""
-        self._queue(json.dumps(line, separators=(",", ":"), default=str))
-
-    def _queue(self, text: str) -> None:
-        self._pending.append(text)
-        if self._timer is None:
-            try:
-                self._timer = asyncio.get_running_loop().call_later(0.05, self.flush)
-            except RuntimeError:
-                self.flush()
+        line = {"time": self.now(), "level": level, "event": event, **fields}
+        self._pending.append(json.dumps(line, separators=(",", ":"), default=str))
+        self.flush()  # at once, after the access lines queued before it
 
     def access(
         self,
@@ -86,9 +72,9 @@ class Log:
         bytes_in: int,
         bytes_out: int,
     ) -> None:
-        """Queue one access line (`event: request`); built as text, not through a dict."""
+        """Queue one access line (`event: request`), written within 50 ms; built as text."""
         upstream = "null" if upstream_seconds is None else f"{upstream_seconds * 1000:.3f}"
-        self._queue(
+        self._pending.append(
             f'{{"time":"{self.now()}","level":"info","event":"request",'
             f'"request_id":{_string(request_id)},"method":{_string(method)},'
             f'"path":{_string(path)},"route":{_string(route)},"status":{status},'
@@ -96,6 +82,11 @@ class Log:
             f'"client":{_string(client)},"duration_ms":{seconds * 1000:.3f},'
             f'"upstream_ms":{upstream},"bytes_in":{bytes_in},"bytes_out":{bytes_out}}}'
         )
+        if self._timer is None:
+            try:
+                self._timer = asyncio.get_running_loop().call_later(0.05, self.flush)
+            except RuntimeError:  # no loop (tests, tools): write at once
+                self.flush()
 
     def flush(self) -> None:
         if self._timer is not None:

@@ -26,7 +26,7 @@ from aiohttp import web
 from .config import Config
 from .errors import ConfigError
 from .metrics import METRICS_DIR_ENV, Metrics, render
-from .runtime import STATUS_ENV, Overrides, load_with_overrides
+from .runtime import STATUS_ENV, Overrides, ignore_late_signals, load_with_overrides
 
 MAX_BACKOFF = 30.0
 
@@ -149,9 +149,7 @@ class Supervisor:
         await self.done.wait()
         if runner is not None:
             await runner.cleanup()
-        for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(signum)
-            signal.signal(signum, signal.SIG_IGN)
+        ignore_late_signals(loop)
         shutil.rmtree(self.directory, ignore_errors=True)
         return 2 if self.failed else 0
 

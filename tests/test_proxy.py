@@ -938,6 +938,17 @@ async def test_cache_hits_are_counted_and_never_outlive_exp(proxy_for: ProxyFact
     assert (await expired.json())["error"]["reason"] == "expired"
 
 
+async def test_cached_token_within_leeway_after_exp(proxy_for: ProxyFactory) -> None:
+    clock = Clock()
+    proxy = await proxy_for({"token": {"leeway": 30, "cache_ttl": 600}}, clock=clock)
+    token = proxy.token(ttl=100)
+    assert (await proxy.get("/x", token=token)).status == 200
+    clock.now += 110  # past exp, inside the leeway: still good
+    assert (await proxy.get("/x", token=token)).status == 200
+    clock.now += 21  # past exp + leeway
+    assert (await (await proxy.get("/x", token=token)).json())["error"]["reason"] == "expired"
+
+
 async def test_route_checks_run_on_cache_hits(proxy_for: ProxyFactory) -> None:
     proxy = await proxy_for(STRICT)
     token = mint(**good())
