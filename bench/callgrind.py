@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from run import HS_SECRET, PYTHON, ROOT, Bench, free_port, wait_http
+from run import PYTHON, ROOT, Bench, free_port, wait_http
 
 CONNECTIONS = 8
 WARM_UP = 200
@@ -108,20 +108,8 @@ def main() -> int:
         floor = str(ROOT / "bench" / "floor.py")
 
         def proxy(port: int, access: bool, auth: bool) -> list[str]:
-            config = {
-                "listen": f"127.0.0.1:{port}",
-                "admin_listen": None,
-                "log": {"access": access, "level": "warning"},
-                "upstream": {"url": upstream},
-                "apps": [
-                    {"id": "bench", "match": {"claim": "appId"}, "algorithms": ["HS256"],
-                     "secret_encoding": "raw", "secrets": [HS_SECRET]}
-                ],
-                "routes": [{"path": "/healthz", "auth": "none"},
-                           {"path": "/*", "auth": "required" if auth else "none"}],
-            }  # fmt: skip
-            path = work / f"proxy-{port}.yaml"
-            path.write_text(json.dumps(config))
+            alg = "HS256" if auth else None
+            path = bench.proxy_config(f"proxy-{port}", port, upstream, alg, access=access)
             return ["-m", "proxy", "serve", "--config", str(path)]
 
         no_uvloop = ["-c", "import sys; sys.modules['uvloop'] = None; "

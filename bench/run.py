@@ -229,6 +229,37 @@ backend be
         server.load_token = server.tokens["valid"]
         return server
 
+    def proxy_config(
+        self,
+        name: str,
+        port: int,
+        upstream: str,
+        alg: str | None,
+        *,
+        cache: bool = True,
+        access: bool = False,
+        admin: bool = False,
+    ) -> Path:
+        """A token-proxy config file: one app for `alg` (None: passthrough, `auth: none`)."""
+        app: dict[str, Any] = {"id": "bench", "match": {"claim": "appId"}, "algorithms": [alg]}
+        if alg == "HS256":
+            app.update(secret_encoding="raw", secrets=[HS_SECRET])
+        elif alg == "RS256":
+            app.update(public_keys=[str(self.work / "rsa.pub")])
+        config = {
+            "listen": f"127.0.0.1:{port}",
+            "admin_listen": f"127.0.0.1:{free_port()}" if admin else None,
+            "log": {"access": access, "level": "warning"},
+            "upstream": {"url": upstream},
+            "token": {"cache_size": 10000 if cache else 0},
+            "apps": [app] if alg else [],
+            "routes": [{"path": "/healthz", "auth": "none"}]
+            + ([{"path": "/*"}] if alg else [{"path": "/*", "auth": "none"}]),
+        }
+        path = self.work / f"{name}.yaml"
+        path.write_text(json.dumps(config))
+        return path
+
     def token_proxy(
         self,
         name: str,
@@ -241,23 +272,9 @@ backend be
         listener: bool = False,
     ) -> Server:
         port = free_port()
-        app: dict[str, Any] = {"id": "bench", "match": {"claim": "appId"}, "algorithms": [alg]}
-        if alg == "HS256":
-            app.update(secret_encoding="raw", secrets=[HS_SECRET])
-        elif alg == "RS256":
-            app.update(public_keys=[str(self.work / "rsa.pub")])
-        config = {
-            "listen": f"127.0.0.1:{port}",
-            "admin_listen": f"127.0.0.1:{free_port()}" if workers > 1 else None,
-            "log": {"access": access, "level": "warning"},
-            "upstream": {"url": upstream},
-            "token": {"cache_size": 10000 if cache else 0},
-            "apps": [app] if alg else [],
-            "routes": [{"path": "/healthz", "auth": "none"}]
-            + ([{"path": "/*"}] if alg else [{"path": "/*", "auth": "none"}]),
-        }
-        path = self.work / f"{name}.yaml"
-        path.write_text(json.dumps(config))
+        path = self.proxy_config(
+            name, port, upstream, alg, cache=cache, access=access, admin=workers > 1
+        )
         command = [PYTHON, "-m", "proxy", "serve", "--config", str(path)]
         if listener:  # the bench-only prototype: the product's decision on httptools
             command = [PYTHON, str(ROOT / "bench" / "httptools_listener.py"), str(path)]
