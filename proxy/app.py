@@ -41,7 +41,6 @@ from .telemetry import Log
 from .tokens import Verifier, service_app
 from .websocket import WebSocketClients, is_websocket, relay
 
-Handler = Callable[[web.BaseRequest], Awaitable[web.StreamResponse]]
 # The token service's handler: its answer and its OAuth error word ("" on success).
 ServiceHandler = Callable[[web.BaseRequest], Awaitable[tuple[web.StreamResponse, str]]]
 # The access-log outcome of a token-service request (not a proxied one: not in requests_total).
