@@ -57,7 +57,7 @@ class UpstreamError(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    """One upstream connection; parses one response per request with a fresh parser."""
+    """One upstream connection; parses one response per request."""
 
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
@@ -67,10 +67,11 @@ class _Connection(asyncio.Protocol):
         self.error: BaseException | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
+        # One parser for the connection's life: llhttp starts over after each whole message.
+        self.parser: Any = httptools.HttpResponseParser(self)
         self._reset()
 
     def _reset(self) -> None:
-        self.parser: Any = httptools.HttpResponseParser(self)
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
@@ -335,11 +336,48 @@ class UpstreamPool:
             self.active += 1
         else:
             await self._wait_for_slot()
+        traffic = traffic or Traffic()
         try:
-            return await self._send(head, body, chunked, head_only, traffic or Traffic())
+            for attempt in range(2):
+                reused = bool(self.idle)
+                connection = self.idle.pop() if reused else await self._connect()
+                connection.head_only = head_only
+                sender = None
+                timer = self.loop.call_later(self.upstream.timeout, connection.head_timeout)
+                try:
+                    connection.write(head)
+                    if body is not None:
+                        sender = asyncio.ensure_future(
+                            _send_body(connection, body, chunked, traffic)
+                        )
+                        sender.add_done_callback(connection.body_sent)
+                    await connection.head
+                except BaseException as error:
+                    connection.close()
+                    if sender is not None:
+                        sender.cancel()
+                    if isinstance(error, TimeoutError):
+                        raise UpstreamError(
+                            Reason.UPSTREAM_TIMEOUT, "no response head in time"
+                        ) from None
+                    if not isinstance(error, ConnectionError | OSError):
+                        raise
+                    # A kept-alive connection the upstream closed meanwhile: one fresh try, when
+                    # nothing of a body had to be replayed.
+                    if reused and body is None and not connection.started and attempt == 0:
+                        continue
+                    raise UpstreamError(
+                        Reason.UPSTREAM_UNAVAILABLE, f"connection failed ({type(error).__name__})"
+                    ) from None
+                finally:
+                    timer.cancel()
+                response = Response(connection, self)
+                response.sender = sender
+                return response
         except BaseException:
             self.release_slot()
             raise
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _wait_for_slot(self) -> None:
         """All max_connections are busy: wait for one, within the upstream's timeout."""
@@ -365,45 +403,6 @@ class UpstreamPool:
                 waiter.set_result(None)
                 return
         self.active -= 1
-
-    async def _send(
-        self, head: bytes, body: Any, chunked: bool, head_only: bool, traffic: Traffic
-    ) -> Response:
-        for attempt in range(2):
-            reused = bool(self.idle)
-            connection = self.idle.pop() if reused else await self._connect()
-            connection.head_only = head_only
-            sender = None
-            timer = self.loop.call_later(self.upstream.timeout, connection.head_timeout)
-            try:
-                connection.write(head)
-                if body is not None:
-                    sender = asyncio.ensure_future(_send_body(connection, body, chunked, traffic))
-                    sender.add_done_callback(connection.body_sent)
-                await connection.head
-            except BaseException as error:
-                connection.close()
-                if sender is not None:
-                    sender.cancel()
-                if isinstance(error, TimeoutError):
-                    raise UpstreamError(
-                        Reason.UPSTREAM_TIMEOUT, "no response head in time"
-                    ) from None
-                if not isinstance(error, ConnectionError | OSError):
-                    raise
-                # A kept-alive connection the upstream closed meanwhile: one fresh try, when
-                # nothing of a body had to be replayed.
-                if reused and body is None and not connection.started and attempt == 0:
-                    continue
-                raise UpstreamError(
-                    Reason.UPSTREAM_UNAVAILABLE, f"connection failed ({type(error).__name__})"
-                ) from None
-            finally:
-                timer.cancel()
-            response = Response(connection, self)
-            response.sender = sender
-            return response
-        raise AssertionError("unreachable")  # pragma: no cover
 
     def close(self) -> None:
         while self.idle:
