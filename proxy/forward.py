@@ -284,6 +284,11 @@ class UpstreamPool:
         # A counter, not asyncio.Semaphore: its locked() scans the waiters on every call.
         self.active = 0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Connections awaiting a response head -> deadline, in deadline order (every request
+        # waits the same timeout). One timer serves them all: a call_later per request cost
+        # 2% of the request path.
+        self.awaiting: dict[_Connection, float] = {}
+        self._watch: asyncio.TimerHandle | None = None
         self.ssl: ssl.SSLContext | None = None
         if upstream.scheme == "https":
             self.ssl = ssl.create_default_context()
@@ -343,7 +348,9 @@ class UpstreamPool:
                 connection = self.idle.pop() if reused else await self._connect()
                 connection.head_only = head_only
                 sender = None
-                timer = self.loop.call_later(self.upstream.timeout, connection.head_timeout)
+                self.awaiting[connection] = self.loop.time() + self.upstream.timeout
+                if self._watch is None:
+                    self._watch = self.loop.call_at(self.awaiting[connection], self._time_out)
                 try:
                     connection.write(head)
                     if body is not None:
@@ -370,7 +377,7 @@ class UpstreamPool:
                         Reason.UPSTREAM_UNAVAILABLE, f"connection failed ({type(error).__name__})"
                     ) from None
                 finally:
-                    timer.cancel()
+                    del self.awaiting[connection]
                 response = Response(connection, self)
                 response.sender = sender
                 return response
@@ -378,6 +385,16 @@ class UpstreamPool:
             self.release_slot()
             raise
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def _time_out(self) -> None:
+        """Fail the heads past their deadline; wake again at the next deadline."""
+        self._watch = None
+        now = self.loop.time()
+        for connection, deadline in list(self.awaiting.items()):
+            if deadline > now:
+                self._watch = self.loop.call_at(deadline, self._time_out)
+                return
+            connection.head_timeout()
 
     async def _wait_for_slot(self) -> None:
         """All max_connections are busy: wait for one, within the upstream's timeout."""
@@ -405,6 +422,7 @@ class UpstreamPool:
         self.active -= 1
 
     def close(self) -> None:
+        # The watch stays: heads still awaited on a retired pool (a reload) keep their timeout.
         while self.idle:
             self.idle.pop().close()
 

@@ -15,6 +15,8 @@ import pytest
 import trustme
 from aiohttp import web
 
+from proxy.app import Resources
+from proxy.config import load
 from tests.conftest import (
     ProxyFactory,
     Upstream,
@@ -22,6 +24,7 @@ from tests.conftest import (
     parse_head,
     raw_exchange,
     upstream_app,
+    write_config,
 )
 
 
@@ -172,6 +175,37 @@ async def test_upstream_slow_headers_is_504(proxy_for: ProxyFactory, upstream: U
             "reason": "upstream_timeout",
         }
     }
+
+
+async def test_each_request_gets_its_own_head_timeout(
+    proxy_for: ProxyFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    routes = [{"path": "/*", "auth": "none"}]
+    proxy = await proxy_for({"upstream": {"url": upstream.url, "timeout": 0.5}, "routes": routes})
+    loop = asyncio.get_running_loop()
+
+    async def timed(path: str, delay: float) -> tuple[int, float]:
+        await asyncio.sleep(delay)
+        started = loop.time()
+        response = await proxy.get(path)
+        return response.status, loop.time() - started
+
+    # Staggered slow requests time out one by one, each half a second after it was sent
+    # (the upstream would take 3 s); a fast one among them is untouched.
+    results = await asyncio.gather(
+        timed("/slow?s=3", 0), timed("/slow?s=3", 0.2), timed("/x", 0.3), timed("/slow?s=3", 0.4)
+    )
+    assert [status for status, _ in results] == [504, 504, 200, 504]
+    assert all(0.4 < took < 2.0 for status, took in results if status == 504)
+    # A reload retires the pool while a head is awaited: that request keeps its timeout.
+    slow = asyncio.ensure_future(timed("/slow?s=3", 0))
+    await asyncio.sleep(0.1)
+    moved = {"upstream": {"url": upstream.url, "timeout": 0.6}, "routes": routes}
+    resources: Resources = proxy.proxy.resources
+    proxy.proxy.swap(await resources.prepare(load(str(write_config(tmp_path, moved)))))
+    status, took = await slow
+    assert status == 504 and took < 2.0
+    assert (await proxy.get("/slow?s=0")).status == 200
 
 
 async def test_connect_timeout_is_504(proxy_for: ProxyFactory) -> None:
