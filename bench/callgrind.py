@@ -1,6 +1,6 @@
 """Instructions per request under callgrind: where token-proxy's CPU goes, repeatably.
 
-    .venv/bin/python bench/callgrind.py [--requests 2000] [--only NAME]...
+    .venv/bin/python bench/callgrind.py [--requests 3000] [--only NAME]... [--python PATH]
 
 Wall-clock numbers on a shared 2-core machine move by 10-20% between runs; instruction counts
 do not. Each variant runs under `valgrind --tool=callgrind` against nginx on loopback; a
@@ -92,9 +92,19 @@ def measure(work: Path, name: str, command: list[str], port: int, token: str | N
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--requests", type=int, default=2000)
+    parser.add_argument("--requests", type=int, default=3000)
     parser.add_argument("--only", action="append", help="a variant name (repeatable)")
+    parser.add_argument(
+        "--python", default=PYTHON, help="another interpreter (a venv with the project installed)"
+    )
     args = parser.parse_args()
+    suffix = ""
+    if args.python != PYTHON:  # results named after the interpreter's version
+        version = subprocess.run(
+            [args.python, "-c", "import sys; print('%d.%d' % sys.version_info[:2])"],
+            capture_output=True, text=True, check=True,
+        ).stdout.strip()  # fmt: skip
+        suffix = f", Python {version}"
     for tool in ("valgrind", "callgrind_control", "nginx"):
         if shutil.which(tool) is None:
             print(f"callgrind: {tool} is missing (apt-get install valgrind nginx)", file=sys.stderr)
@@ -140,9 +150,10 @@ def main() -> int:
             if name not in wanted:
                 continue
             port = free_port()
-            command = [PYTHON, *arguments(port)]
+            command = [args.python, *arguments(port)]
             sends_token = "HS256" in name or "token sent" in name
             started = time.monotonic()
+            name += suffix
             results[name] = measure(
                 work, name, command, port, token if sends_token else None, args.requests
             )

@@ -75,13 +75,15 @@ def status(url: str, token: str | None) -> int:
         return int(error.code)
 
 
-def cpu_seconds(pids: list[int]) -> float:
-    total = 0
+def cpu_seconds(pids: list[int]) -> tuple[float, float]:
+    """User and system CPU seconds of `pids` so far."""
+    user = system = 0
     for pid in pids:
         with open(f"/proc/{pid}/stat") as stat:
             fields = stat.read().rsplit(")", 1)[1].split()
-        total += int(fields[11]) + int(fields[12])  # utime, stime
-    return total / TICK
+        user += int(fields[11])  # utime
+        system += int(fields[12])  # stime
+    return user / TICK, system / TICK
 
 
 def descendants(pid: int) -> list[int]:
@@ -323,7 +325,8 @@ backend be
              f"-d{self.seconds}s", "--latency", *header, server.url + "/x"],
             capture_output=True, text=True, check=True,
         ).stdout  # fmt: skip
-        cpu = cpu_seconds(pids) - before
+        after = cpu_seconds(pids)
+        user, system = after[0] - before[0], after[1] - before[1]
         requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
         errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
         if errors:
@@ -332,7 +335,8 @@ backend be
             "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
             "p50_ms": _latency(output, "50%"),
             "p99_ms": _latency(output, "99%"),
-            "cpu_us": cpu / requests * 1e6,
+            "cpu_us": (user + system) / requests * 1e6,
+            "sys_us": system / requests * 1e6,  # the kernel's share: socket calls and polling
         }
 
     def stop(self) -> None:
@@ -436,7 +440,7 @@ def main() -> int:
                 print(
                     f"round {round_index + 1} {name:28} {result['rps']:9.0f} req/s "
                     f"p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms "
-                    f"cpu {result['cpu_us']:.1f} us/req",
+                    f"cpu {result['cpu_us']:.1f} us/req (sys {result['sys_us']:.1f})",
                     flush=True,
                 )
         extras: dict[str, Any] = {}
@@ -477,6 +481,7 @@ def summarize(results: dict[str, list[dict[str, float]]], extras: dict[str, Any]
             "p50_ms": statistics.median(r["p50_ms"] for r in rounds),
             "p99_ms": statistics.median(r["p99_ms"] for r in rounds),
             "cpu_us": statistics.median(r["cpu_us"] for r in rounds),
+            "sys_us": statistics.median(r["sys_us"] for r in rounds),
             f"x_{reference.replace(' ', '_')}": statistics.median(ratios) if ratios else None,
         }
     derived: dict[str, Any] = {}
