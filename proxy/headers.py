@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Iterable
 from email.utils import formatdate
-from typing import Any, NamedTuple
+from typing import NamedTuple
 from urllib.parse import unquote_plus
 
 from .config import Forward, Source
@@ -100,11 +100,10 @@ class HeaderPlan:
         if drop is not None and drop.kind == "query":
             query = remove_query_param(query, drop.name)
         target = path + ("?" + query if query else "")
-        lines = [f"{method} {target} HTTP/1.1\r\n".encode("utf-8", "surrogateescape")]
-        for name, value in self.request_headers(raw_headers, facts):
-            lines += (name, b": ", value, b"\r\n")
-        lines.append(b"\r\n")
-        return b"".join(lines)
+        lines = [f"{method} {target} HTTP/1.1".encode("utf-8", "surrogateescape")]
+        lines += [b": ".join(header) for header in self.request_headers(raw_headers, facts)]
+        lines.append(b"\r\n")  # the blank line after the last header
+        return b"\r\n".join(lines)
 
     def request_headers(
         self, raw_headers: tuple[tuple[bytes, bytes], ...], facts: Forwarding
@@ -169,35 +168,46 @@ def remove_cookie(line: bytes, name: str) -> bytes:
     return b"; ".join(p for p in kept if p)
 
 
-def _end_to_end(raw: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes, bytes]]:
-    """(lower-case name, name, value) of a response's headers that are not hop-by-hop."""
-    kept: list[tuple[bytes, bytes, bytes]] = []
+_WHOLE = HOP_BY_HOP | {b"content-length"}  # a whole answer gets our own Content-Length
+
+
+def _end_to_end(
+    raw: list[tuple[bytes, bytes]], drop: frozenset[bytes] = HOP_BY_HOP
+) -> tuple[list[tuple[bytes, bytes]], bool]:
+    """A response's headers less hop-by-hop ones and `drop`; whether it has a Date."""
+    kept: list[tuple[bytes, bytes]] = []
     listed = _NOTHING
+    dated = False
     for name, value in raw:
         lower = name.lower()
-        if lower in HOP_BY_HOP or lower.startswith(b"proxy-"):
+        if lower in drop or lower.startswith(b"proxy-"):
             if lower == b"connection":
                 listed |= _listed(value)
             continue
-        kept.append((lower, name, value))
+        if lower == b"date":
+            dated = True
+        kept.append((name, value))
     if listed:  # names a Connection header lists are hop-by-hop too
-        kept = [header for header in kept if header[0] not in listed]
-    return kept
+        kept = [(name, value) for name, value in kept if name.lower() not in listed]
+    return kept, dated
 
 
 def response_headers(
     raw: list[tuple[bytes, bytes]], request_id_name: str, rid: str
 ) -> list[tuple[str, str]]:
     """The upstream's response headers for a streamed answer, as text; repeats kept."""
-    kept: list[tuple[str, str]] = []
-    for _, name, value in _end_to_end(raw):
+    headers: list[tuple[str, str]] = []
+    for name, value in _end_to_end(raw)[0]:
         try:
             text = value.decode()
         except UnicodeDecodeError:
             text = value.decode("latin-1")
-        kept.append((name.decode("latin-1"), text))
-    kept.append((request_id_name, rid))
-    return kept
+        headers.append((name.decode("latin-1"), text))
+    headers.append((request_id_name, rid))
+    return headers
+
+
+_STATUS_LINES: dict[tuple[int, str], bytes] = {}
 
 
 def response_head(
@@ -211,29 +221,32 @@ def response_head(
     old_client: bool,
 ) -> bytes:
     """The status line and headers of a whole response, in the upstream's bytes and order."""
-    kept = _end_to_end(raw)
-    lines = [b"HTTP/1.1 %d %s\r\n" % (status, reason.encode("latin-1"))]
-    if not any(lower == b"date" for lower, _, _ in kept):
-        lines += (b"Date: ", http_date(), b"\r\n")  # RFC 9110 §6.6.1: a proxy adds it
-    for lower, name, value in kept:
-        if lower != b"content-length":  # ours below: the length of what we send
-            lines += (name, b": ", value, b"\r\n")
-    lines.append(b"Content-Length: %d\r\n" % length)
-    lines += (request_id_name.encode(), b": ", rid.encode(), b"\r\n")
+    status_line = _STATUS_LINES.get((status, reason))
+    if status_line is None:
+        status_line = b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1"))
+        if len(_STATUS_LINES) < 256:  # the reason is the upstream's text: keep the cache bounded
+            _STATUS_LINES[status, reason] = status_line
+    kept, dated = _end_to_end(raw, _WHOLE)
+    lines = [status_line, *[b": ".join(header) for header in kept]]
+    if not dated:
+        lines.append(b"Date: " + http_date())  # RFC 9110 §6.6.1: a proxy adds it
+    lines.append(b"Content-Length: %d" % length)
+    lines.append(f"{request_id_name}: {rid}".encode())
     if not keep_alive:
-        lines.append(b"Connection: close\r\n")
+        lines.append(b"Connection: close")
     elif old_client:
-        lines.append(b"Connection: keep-alive\r\n")
-    lines.append(b"\r\n")
-    return b"".join(lines)
+        lines.append(b"Connection: keep-alive")
+    lines.append(b"\r\n")  # the blank line after the last header
+    return b"\r\n".join(lines)
 
 
-_date: list[Any] = [0, b""]
+_date: tuple[int, bytes] = (0, b"")
 
 
 def http_date() -> bytes:
     """The current time as an HTTP date, computed once a second."""
+    global _date
     now = int(time.time())
     if _date[0] != now:
-        _date[0], _date[1] = now, formatdate(now, usegmt=True).encode()
-    return bytes(_date[1])
+        _date = (now, formatdate(now, usegmt=True).encode())
+    return _date[1]
