@@ -98,6 +98,19 @@ def test_patterns(pattern: str, path: str, params: dict[str, str] | None) -> Non
     assert PathPattern.compile(pattern).match(path) == params
 
 
+def test_literal_patterns_answer_like_their_regex() -> None:
+    # Patterns without {name} skip the regex on the request path; the answers must not change.
+    patterns = ["/", "/*", "/v1/*", "/v1", "/v1/", "/admin/*", "/a/b/*", "/%7euser/*", "/a.b/*"]
+    paths = ["/", "/v1", "/v1/", "/v10", "/v1/a/b", "/V1", "/admin", "/admin/", "/adminx"]
+    paths += ["/a/b", "/a/b/", "/a/bc", "/~user", "/~user/x", "/a.b", "/aXb/c", "/a\nb", ""]
+    for text in patterns:
+        pattern = PathPattern.compile(text)
+        assert pattern.literal is not None, text  # the fast path is the one under test
+        for path in paths:
+            found = pattern.regex.fullmatch(path)
+            assert pattern.match(path) == (found.groupdict() if found else None), (text, path)
+
+
 def test_case_insensitive_patterns_keep_parameter_case() -> None:
     pattern = PathPattern.compile("/Users/{id}", ignore_case=True)
     assert pattern.match("/USERS/AbC") == {"id": "AbC"}
