@@ -189,6 +189,7 @@ def _end_to_end(
         kept.append((name, value))
     if listed:  # names a Connection header lists are hop-by-hop too
         kept = [(name, value) for name, value in kept if name.lower() not in listed]
+        dated = dated and b"date" not in listed
     return kept, dated
 
 

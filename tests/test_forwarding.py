@@ -17,6 +17,7 @@ from aiohttp import web
 
 from proxy.app import Resources
 from proxy.config import load
+from proxy.headers import response_head
 from tests.conftest import (
     ProxyFactory,
     Upstream,
@@ -653,3 +654,22 @@ async def test_response_trailers_are_not_forwarded(proxy_for: ProxyFactory) -> N
     assert b"X-Checksum" not in head
     assert b"Trailer" not in head
     assert body == b"hi"
+
+
+def test_whole_response_head_keeps_one_date_and_sets_its_own_length() -> None:
+    upstream = [(b"Date", b"Mon, 30 Nov 2026 10:00:00 GMT"), (b"Content-Length", b"99")]
+    head = response_head(200, "OK", upstream, "X-Request-Id", "r1", 2, True, False)
+    assert head.split(b"\r\n") == [
+        b"HTTP/1.1 200 OK",
+        b"Date: Mon, 30 Nov 2026 10:00:00 GMT",
+        b"Content-Length: 2",
+        b"X-Request-Id: r1",
+        b"",
+        b"",
+    ]
+    # A Date the upstream's Connection header lists is hop-by-hop: ours replaces it.
+    listed = [*upstream, (b"Connection", b"date")]
+    head = response_head(200, "OK", listed, "X-Request-Id", "r1", 2, False, False)
+    dates = [line for line in head.split(b"\r\n") if line.lower().startswith(b"date:")]
+    assert len(dates) == 1 and dates[0] != upstream[0][0] + b": " + upstream[0][1]
+    assert b"Connection: close" in head
