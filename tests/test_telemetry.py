@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -25,10 +26,14 @@ def test_access_line_escapes_request_data() -> None:
     assert line["time"].endswith("Z")
 
 
-def test_events_flush_after_queued_access_lines() -> None:
+async def test_events_flush_after_queued_access_lines() -> None:
     stream = io.StringIO()
-    log = Log(stream)
+    log = Log(stream)  # a running loop: access lines wait for the 50 ms batch
     log.access("r1", "GET", "/", "", 200, "forwarded", "", "", "c", 0.001, 0.0005, 0, 0)
+    assert stream.getvalue() == ""  # queued, not yet written
     log.event("info", "reload", result="ok")
     events = [json.loads(line)["event"] for line in stream.getvalue().splitlines()]
     assert events == ["request", "reload"]
+    log.access("r2", "GET", "/", "", 200, "forwarded", "", "", "c", 0.001, 0.0005, 0, 0)
+    await asyncio.sleep(0.2)  # the batch timer writes it without any event
+    assert json.loads(stream.getvalue().splitlines()[-1])["request_id"] == "r2"
