@@ -488,13 +488,14 @@ async def exchange(
     try:
         if response.complete and not head_only and response.status not in (204, 304):
             body = response.buffered_body()
-            head = response_head(
+            keep_alive = request.keep_alive
+            answer = response_head(
                 response.status, response.reason, response.headers, rid_name, rid,
-                len(body), request.keep_alive, request.version < HTTP_11,
+                len(body), keep_alive, request.version < HTTP_11,
             )  # fmt: skip
             response.release()
             traffic.bytes_out = len(body)
-            return Written(head + body, response.status, request.keep_alive)
+            return Written(answer + body, response.status, keep_alive)
         headers = response_headers(response.headers, rid_name, rid)
         out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
         await out.prepare(request)

@@ -37,6 +37,7 @@ def request_id(incoming: str | None) -> str:
 
 
 _USUAL = HOP_BY_HOP | {b"close"}  # "Connection: keep-alive" and friends filter nothing more
+_NOTHING: frozenset[bytes] = frozenset()
 
 
 def _listed(connection: bytes) -> frozenset[bytes]:
@@ -44,9 +45,6 @@ def _listed(connection: bytes) -> frozenset[bytes]:
     if connection.lower() in _USUAL:  # the common "keep-alive" or "close"
         return _NOTHING
     return frozenset(part.strip().lower() for part in connection.split(b",")) - _USUAL
-
-
-_NOTHING: frozenset[bytes] = frozenset()
 
 
 class Forwarding(NamedTuple):
@@ -116,7 +114,7 @@ class HeaderPlan:
         out: list[tuple[bytes, bytes]] = []
         forwarded_for: list[bytes] = []
         content_length = b""
-        listed: frozenset[bytes] = frozenset()
+        listed = _NOTHING
         for name, value in raw_headers:
             lower = name.lower()
             if lower in skip or lower.startswith(b"proxy-"):
