@@ -284,12 +284,13 @@ class _Builder:
 
     def build(self, tree: dict[str, Any]) -> Config | None:
         root = Section(tree, "", self.problems, _TOP)
-        listen = root.field("listen", _listen, "HOST:PORT", "0.0.0.0:8080")
+        # Defaults are values as read, not text: a missing `listen` must still be a Listen.
+        listen = root.field("listen", _listen, "HOST:PORT", _listen("0.0.0.0:8080"))
         admin = root.field(
             "admin_listen",
             lambda v: None if v is None else _listen(v),
             "HOST:PORT or null",
-            "0.0.0.0:9901",
+            _listen("0.0.0.0:9901"),
         )
         tls = self.tls(root)
         environment = root.optional_string("environment")

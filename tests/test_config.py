@@ -376,3 +376,15 @@ def test_url_safe_base64_and_raw_secrets(tmp_path: Path) -> None:
     }
     data["apps"][1]["match"] = {"value": "other"}
     assert problems(tmp_path, data) == []
+
+
+def test_listeners_default_when_the_file_names_none(tmp_path: Path) -> None:
+    """SPEC §3 defaults: a file without `listen`/`admin_listen` serves on 8080 and 9901 (a
+    default once stayed text, and `serve` crashed on it)."""
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    config = load(str(path), env={})
+    every = "0.0.0.0"  # noqa: S104 - the documented default
+    assert (config.listen.host, config.listen.port) == (every, 8080)
+    assert config.admin_listen is not None
+    assert (config.admin_listen.host, config.admin_listen.port) == (every, 9901)
