@@ -163,8 +163,8 @@ def public_jwk(key: PublicKey) -> dict[str, str]:
         if isinstance(key, ec.EllipticCurvePublicKey)
         else "EdDSA"
     )
-    jwk: dict[str, str] = ALGORITHMS[family].to_jwk(key, as_dict=True)
-    return {k: v for k, v in jwk.items() if k in ("kty", "n", "e", "crv", "x", "y")}
+    jwk: dict[str, Any] = ALGORITHMS[family].to_jwk(key, as_dict=True)  # key_ops: a list
+    return {k: str(v) for k, v in jwk.items() if k in ("kty", "n", "e", "crv", "x", "y")}
 
 
 def thumbprint(key: PublicKey) -> str:
