@@ -2,7 +2,7 @@
 
     pool = UpstreamPool(config.upstream)                 # one per upstream per process
     response = await pool.send(head, body=request.content, chunked=False)   # UpstreamError
-    async for chunk in response.body(): ...              # bounded memory
+    while (chunk := await response.next_chunk()) is not None: ...   # bounded memory
     response.release()
 
 A small asyncio protocol on httptools (llhttp) parses responses; we only write requests.
@@ -18,7 +18,6 @@ import collections
 import contextlib
 import ssl
 import time
-from collections.abc import AsyncIterator
 from typing import Any
 
 import httptools
@@ -242,9 +241,10 @@ class Response:
         chunks.clear()
         return body
 
-    async def body(self) -> AsyncIterator[bytes]:
-        while (chunk := await self._connection.next_chunk()) is not None:
-            yield chunk
+    async def next_chunk(self) -> bytes | None:
+        """The next piece of the body; None after the last (a method, not an async generator:
+        mypyc compiles no async generators)."""
+        return await self._connection.next_chunk()
 
     def release(self) -> None:
         """Return the connection to the pool when it can carry another request."""
@@ -348,6 +348,7 @@ class UpstreamPool:
                 connection = self.idle.pop() if reused else await self._connect()
                 connection.head_only = head_only
                 sender = None
+                retry = False
                 self.awaiting[connection] = self.loop.time() + self.upstream.timeout
                 if self._watch is None:
                     self._watch = self.loop.call_at(self.awaiting[connection], self._time_out)
@@ -371,13 +372,16 @@ class UpstreamPool:
                         raise
                     # A kept-alive connection the upstream closed meanwhile: one fresh try, when
                     # nothing of a body had to be replayed.
-                    if reused and body is None and not connection.started and attempt == 0:
-                        continue
-                    raise UpstreamError(
-                        Reason.UPSTREAM_UNAVAILABLE, f"connection failed ({type(error).__name__})"
-                    ) from None
+                    if not (reused and body is None and not connection.started and attempt == 0):
+                        raise UpstreamError(
+                            Reason.UPSTREAM_UNAVAILABLE,
+                            f"connection failed ({type(error).__name__})",
+                        ) from None
+                    retry = True
                 finally:
                     del self.awaiting[connection]
+                if retry:  # after the finally: mypyc compiles no `continue` inside one
+                    continue
                 response = Response(connection, self)
                 response.sender = sender
                 return response
@@ -503,7 +507,7 @@ async def exchange(
             response.release()
             return out
         try:
-            async for chunk in response.body():
+            while (chunk := await response.next_chunk()) is not None:
                 await out.write(chunk)
                 traffic.bytes_out += len(chunk)
         except (ConnectionError, OSError) as error:

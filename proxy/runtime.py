@@ -30,10 +30,11 @@ from typing import Any
 from aiohttp import web
 
 from . import __version__
-from .app import Proxy, Resources, State, admin_app, make_server
+from .app import Proxy, Resources, State, admin_app
 from .config import Config, Listen, load
 from .errors import ConfigError
 from .metrics import METRICS_DIR_ENV, RELOADS, Metrics
+from .server import make_server
 from .telemetry import Log
 from .token_service import TokenService
 

@@ -28,10 +28,11 @@ import yaml
 from aiohttp import web
 from yarl import URL
 
-from proxy.app import Proxy, Resources, make_server
+from proxy.app import Proxy, Resources
 from proxy.config import Config, load
 from proxy.metrics import Metrics
 from proxy.runtime import make_socket
+from proxy.server import make_server
 from proxy.telemetry import Log
 
 SECRET = b"s" * 32 + b"-test-secret-of-forty-bytes"

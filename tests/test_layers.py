@@ -14,8 +14,9 @@ LAYERS = {
     "decision": 5, "headers": 5, "mint": 5,
     "forward": 6, "websocket": 6, "token_service": 6,
     "app": 7,
-    "runtime": 8,
-    "workers": 9, "demo": 9, "cli": 9, "__main__": 10,
+    "server": 8,
+    "runtime": 9,
+    "workers": 10, "demo": 10, "cli": 10, "__main__": 11,
 }  # fmt: skip
 CORE = 5  # layers up to here are framework-free: `inspect` runs them without a server
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
