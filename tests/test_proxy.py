@@ -504,6 +504,7 @@ async def test_expose_reason_false_hides_reason_but_logs_and_counts_it(
     assert 'reason="expired"' in proxy.metrics_text()
 
 
+@pytest.mark.interpreted  # patches a module global, which compiled code binds at import
 async def test_internal_error_is_500_logged_with_traceback(
     proxy_for: ProxyFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
