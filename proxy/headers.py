@@ -33,7 +33,8 @@ def request_id(incoming: str | None) -> str:
     if incoming is not None and _REQUEST_ID.fullmatch(incoming):
         return incoming
     # An identifier, not a secret: Mersenne Twister is enough and spares a getrandom().
-    return f"{random.getrandbits(128):032x}"
+    # %-formatting, not an f-string with a format spec: mypyc compiles those to str.format().
+    return "%032x" % random.getrandbits(128)  # noqa: UP031
 
 
 _USUAL = HOP_BY_HOP | {b"close"}  # "Connection: keep-alive" and friends filter nothing more
