@@ -2,6 +2,9 @@
 
     .venv/bin/python bench/callgrind.py [--requests 3000] [--only NAME]... [--python PATH]
 
+token-proxy runs interpreted (.venv) and as the image ships it, compiled by mypyc
+(bench/.compiled, which bench/setup builds).
+
 Wall-clock numbers on a shared 2-core machine move by 10-20% between runs; instruction counts
 do not. Each variant runs under `valgrind --tool=callgrind` against nginx on loopback; a
 client sends 200 warm-up requests, the counters are zeroed, then N requests over 8 keep-alive
@@ -22,7 +25,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from run import PYTHON, ROOT, Bench, free_port, wait_http
+from run import COMPILED, PYTHON, ROOT, Bench, free_port, wait_http
 
 CONNECTIONS = 8
 WARM_UP = 200
@@ -53,9 +56,9 @@ async def load(port: int, count: int, token: str | None) -> None:
 
 def measure(work: Path, name: str, command: list[str], port: int, token: str | None, n: int) -> int:
     out = work / f"{name.replace(' ', '_')}.%p.out"
-    process = subprocess.Popen(
+    process = subprocess.Popen(  # cwd: not ROOT, whose proxy/ sources would shadow the install
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        cwd=work, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + 180  # python starts slowly under valgrind
@@ -146,11 +149,23 @@ def main() -> int:
                 *no_uvloop, *proxy(port, access=False, auth=True)[2:]],
         }  # fmt: skip
         wanted = set(args.only or variants)
+        compiled = {  # the same code as the image ships it
+            f"{name}, compiled": variants[name]
+            for name in (
+                "token-proxy passthrough",
+                "token-proxy HS256, cache hit",
+                "token-proxy HS256, cache hit, access log",
+                "prototype httptools listener, HS256, cache hit",
+            )
+        }
+        if args.python == PYTHON and Path(COMPILED).exists():
+            variants.update(compiled)
         for name, arguments in variants.items():
             if name not in wanted:
                 continue
             port = free_port()
-            command = [args.python, *arguments(port)]
+            command = [COMPILED if name in compiled else args.python, *arguments(port)]
+
             sends_token = "HS256" in name or "token sent" in name
             started = time.monotonic()
             name += suffix

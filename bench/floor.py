@@ -94,7 +94,10 @@ def forwarder(url: str, client: str) -> Handler:
             if response.complete:
                 body = response.buffered_body()
             else:
-                body = b"".join([chunk async for chunk in response.body()])
+                chunks = []
+                while (chunk := await response.next_chunk()) is not None:
+                    chunks.append(chunk)
+                body = b"".join(chunks)
         finally:
             response.release()
         return web.Response(body=body)

@@ -17,12 +17,9 @@ import gc
 import io
 import sys
 import time
-from pathlib import Path
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from proxy.app import Resources, State
 from proxy.config import load
@@ -103,7 +100,7 @@ class Connection(asyncio.Protocol):
             )  # fmt: skip
             response = await pool.send(head, None, False, method == "HEAD", Traffic())
             chunks = []
-            async for chunk in response.body():
+            while (chunk := await response.next_chunk()) is not None:
                 chunks.append(chunk)
             body = b"".join(chunks)
             response.release()

@@ -1,7 +1,10 @@
 """Benchmark token-proxy against HAProxy 2.6 `jwt_verify` on this machine.
 
-    bench/setup                          # apt: haproxy nginx wrk; the project venv
+    bench/setup                          # apt: haproxy nginx wrk valgrind; the venvs
     .venv/bin/python bench/run.py        # --rounds 3 --seconds 10; writes bench/results/
+
+token-proxy runs as the image ships it, compiled by mypyc (bench/.compiled, which bench/setup
+builds); the "interpreted" case runs the same code as plain Python (the editable .venv).
 
 Layout (2 cores): the proxy under test on CPU 0; nginx (the upstream) and wrk (1 thread,
 64 connections) on CPU 1. Every case gets the same request, GET /x with a valid token (RS256
@@ -38,7 +41,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 ROOT = Path(__file__).resolve().parent.parent
-PYTHON = str(ROOT / ".venv" / "bin" / "python")
+PYTHON = str(ROOT / ".venv" / "bin" / "python")  # editable install: plain Python
+COMPILED = str(ROOT / "bench" / ".compiled" / "bin" / "python")  # the mypyc build
 PROXY_CPU, LOAD_CPU = "0", "1"
 HS_SECRET = "bench-secret-that-is-long-enough-for-hs256!"
 TICK = os.sysconf("SC_CLK_TCK")
@@ -272,18 +276,20 @@ backend be
         access: bool = False,
         workers: int = 1,
         listener: bool = False,
+        python: str = COMPILED,
     ) -> Server:
         port = free_port()
         path = self.proxy_config(
             name, port, upstream, alg, cache=cache, access=access, admin=workers > 1
         )
-        command = [PYTHON, "-m", "proxy", "serve", "--config", str(path)]
+        command = [python, "-m", "proxy", "serve", "--config", str(path)]
         if listener:  # the bench-only prototype: the product's decision on httptools
-            command = [PYTHON, str(ROOT / "bench" / "httptools_listener.py"), str(path)]
+            command = [python, str(ROOT / "bench" / "httptools_listener.py"), str(path)]
         if workers > 1:
             command += ["--workers", str(workers)]
         cpu = PROXY_CPU if workers == 1 else f"{PROXY_CPU},{LOAD_CPU}"
-        server = self.spawn(name, cpu, command, f"http://127.0.0.1:{port}", cwd=ROOT)
+        # cwd: not ROOT, whose proxy/ sources `-m proxy` would import instead of the install
+        server = self.spawn(name, cpu, command, f"http://127.0.0.1:{port}", cwd=self.work)
         if alg:
             server.tokens = self.tokens[alg]
         # Passthrough gets the same request bytes too, so that the difference is the check.
@@ -402,6 +408,9 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"bench: {tool} is missing; run bench/setup", file=sys.stderr)
             return 2
+    if not Path(COMPILED).exists():
+        print("bench: the compiled build is missing; run bench/setup", file=sys.stderr)
+        return 2
     work = Path(tempfile.mkdtemp(prefix="token-proxy-bench-"))
     bench = Bench(work, args.seconds, args.connections)
     results: dict[str, list[dict[str, float]]] = {}
@@ -414,6 +423,9 @@ def main() -> int:
             "aiohttp floor": bench.aiohttp_floor,
             "passthrough": lambda: bench.token_proxy("passthrough", up, None),
             "HS256 cache": lambda: bench.token_proxy("hs-cache", up, "HS256"),
+            "HS256 cache, interpreted": lambda: bench.token_proxy(
+                "hs-interpreted", up, "HS256", python=PYTHON
+            ),
             "HS256 no cache": lambda: bench.token_proxy("hs-nocache", up, "HS256", cache=False),
             "RS256 cache": lambda: bench.token_proxy("rs-cache", up, "RS256"),
             "RS256 no cache": lambda: bench.token_proxy("rs-nocache", up, "RS256", cache=False),
@@ -507,6 +519,10 @@ def summarize(results: dict[str, list[dict[str, float]]], extras: dict[str, Any]
         else ratio("HS256 cache + access log", "HS256 cache", "cpu_us") - 1  # type: ignore[operator]
     )
     derived["2 workers cpu/req vs 1"] = ratio("HS256 cache, 2 workers", "HS256 cache", "cpu_us")
+    derived["compiled cpu/req vs interpreted"] = ratio(
+        "HS256 cache", "HS256 cache, interpreted", "cpu_us"
+    )
+
     return {"table": table, "derived": derived, "extras": extras}
 
 
