@@ -148,7 +148,6 @@ def main() -> int:
             "token-proxy HS256, cache hit, asyncio loop": lambda port: [
                 *no_uvloop, *proxy(port, access=False, auth=True)[2:]],
         }  # fmt: skip
-        wanted = set(args.only or variants)
         compiled = {  # the same code as the image ships it
             f"{name}, compiled": variants[name]
             for name in (
@@ -160,6 +159,7 @@ def main() -> int:
         }
         if args.python == PYTHON and Path(COMPILED).exists():
             variants.update(compiled)
+        wanted = set(args.only or variants)
         for name, arguments in variants.items():
             if name not in wanted:
                 continue
