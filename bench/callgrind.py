@@ -152,6 +152,7 @@ def main() -> int:
             f"{name}, compiled": variants[name]
             for name in (
                 "token-proxy passthrough",
+                "token-proxy passthrough, token sent along",
                 "token-proxy HS256, cache hit",
                 "token-proxy HS256, cache hit, access log",
                 "prototype httptools listener, HS256, cache hit",
