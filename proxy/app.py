@@ -283,7 +283,8 @@ class Proxy:
                     upstream=_upstream_name(decided),
                     error=traffic.broken,
                 )
-            if response is not None:
+            status = response.status if response is not None else traffic.status
+            if status is not None:  # an answer went out (the handler may be cancelled since)
                 elapsed = time.perf_counter() - started
                 if outcome != SERVICE_OUTCOME:
                     metrics.request(outcome, reason, app, elapsed)
@@ -294,7 +295,7 @@ class Proxy:
                         request,
                         decided,
                         rid,
-                        response.status,
+                        status,
                         reason,
                         app,
                         outcome,

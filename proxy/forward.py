@@ -37,13 +37,16 @@ BODY_CHUNK = 64 * 1024
 class Traffic:
     """What one exchange moved: body bytes each way, and the upstream's time to headers."""
 
-    __slots__ = ("broken", "bytes_in", "bytes_out", "upstream_seconds")
+    __slots__ = ("broken", "bytes_in", "bytes_out", "status", "upstream_seconds")
 
     def __init__(self) -> None:
         self.bytes_in = 0
         self.bytes_out = 0
         self.upstream_seconds: float | None = None
         self.broken: str | None = None  # what failed after the response started
+        # The status of a streamed answer once its head went out: a client that leaves
+        # mid-body cancels the handler before it returns, and the request is still logged.
+        self.status: int | None = None
 
 
 class UpstreamError(Exception):
@@ -503,6 +506,8 @@ async def exchange(
         headers = response_headers(response.headers, rid_name, rid)
         out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
         await out.prepare(request)
+        traffic.status = response.status
+
         if head_only:
             response.release()
             return out

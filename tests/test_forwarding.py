@@ -253,6 +253,33 @@ async def test_failure_mid_response_aborts_the_client(proxy_for: ProxyFactory) -
     assert any(line["event"] == "upstream_error" for line in proxy.log_lines())
 
 
+async def test_client_leaving_mid_response_is_still_logged_and_counted(
+    proxy_for: ProxyFactory,
+) -> None:
+    """The handler is cancelled when the client closes; the request it answered still gets
+    its access line and its count (a flaky CLI test lost lines this way)."""
+    proxy = await proxy_for({"routes": [{"path": "/*", "auth": "none"}]})
+    host, port = proxy.url.split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /trickle?s=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = b""
+    while b"start " not in received:  # the head and the first piece of the body
+        received += await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    for _ in range(100):  # the proxy notices the close (bounded: 1 s)
+        lines = [line for line in proxy.log_lines() if line["event"] == "request"]
+        if lines:
+            break
+        await asyncio.sleep(0.01)
+    assert [(line["path"], line["status"], line["outcome"]) for line in lines] == [
+        ("/trickle", 200, "forwarded")
+    ]
+    assert lines[0]["bytes_out"] == len(b"start ")
+    assert 'token_proxy_requests_total{app="",outcome="forwarded",reason=""} 1.0' in (
+        proxy.metrics_text()
+    )
+
+
 async def test_streamed_upload_and_download(proxy_for: ProxyFactory) -> None:
     proxy = await proxy_for({"routes": [{"path": "/*", "auth": "none"}]})
     size = 8 * 1024 * 1024
