@@ -354,6 +354,7 @@ class Proxy:
                 path + ("?" + query if query else ""),
                 state.plan.request_headers(request.raw_headers, facts),
                 expires_in,
+                traffic,
             )
         head = state.plan.request_head(
             request.method, path, decision.target.query, request.raw_headers, facts

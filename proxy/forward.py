@@ -44,8 +44,8 @@ class Traffic:
         self.bytes_out = 0
         self.upstream_seconds: float | None = None
         self.broken: str | None = None  # what failed after the response started
-        # The status of a streamed answer once its head went out: a client that leaves
-        # mid-body cancels the handler before it returns, and the request is still logged.
+        # The status once a streamed answer's head (or a WebSocket's 101) went out: a client
+        # that leaves then cancels the handler before it returns, and is still logged.
         self.status: int | None = None
 
 
@@ -507,7 +507,6 @@ async def exchange(
         out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
         await out.prepare(request)
         traffic.status = response.status
-
         if head_only:
             response.release()
             return out

@@ -1,7 +1,7 @@
 """WebSocket relay (SPEC §6): frames both ways, close codes passed on, closed at `exp`.
 
     if is_websocket(request):
-        return await relay(request, clients, upstream, target, headers, expires_in=...)
+        return await relay(request, clients, upstream, target, headers, expires_in, traffic)
 
 The handshake was authenticated like any request before this runs. The upstream side is an
 aiohttp client WebSocket on a session per upstream; when the token's `exp` + `leeway` passes,
@@ -20,7 +20,7 @@ from multidict import CIMultiDict
 
 from .config import Upstream
 from .errors import Reason
-from .forward import UpstreamError
+from .forward import Traffic, UpstreamError
 
 POLICY_VIOLATION = 1008
 # Handshake headers each side makes for itself.
@@ -80,6 +80,7 @@ async def relay(
     target: str,
     headers: list[tuple[bytes, bytes]],
     expires_in: float | None,
+    traffic: Traffic,
 ) -> web.WebSocketResponse:
     """Open the upstream WebSocket, accept the client's, relay until one side closes."""
     forwarded: CIMultiDict[str] = CIMultiDict()
@@ -114,6 +115,7 @@ async def relay(
         protocols=(remote.protocol,) if remote.protocol else (), max_msg_size=0
     )
     await local.prepare(request)
+    traffic.status = local.status  # 101: logged even when the client's hang-up cancels us
     pair = _Pair(local, remote)
     expiry = None
     if expires_in is not None:

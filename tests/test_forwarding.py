@@ -531,10 +531,13 @@ async def test_websocket_client_close_code_reaches_upstream(
         await ws.receive()
         await ws.close(code=4002)
     for _ in range(50):
-        if upstream.closed:
+        lines = [line for line in proxy.log_lines() if line["event"] == "request"]
+        if upstream.closed and lines:
             break
         await asyncio.sleep(0.02)
     assert upstream.closed == [4002]
+    # The client's hang-up cancels the relay's handler: the request is still logged.
+    assert [(line["path"], line["status"]) for line in lines] == [("/ws", 101)]
 
 
 async def test_websocket_without_token_is_rejected(proxy_for: ProxyFactory) -> None:
