@@ -98,7 +98,8 @@ class Upstream:
 @dataclass(frozen=True, slots=True)
 class Source:
     kind: str  # header | query | cookie
-    name: str
+    name: str  # lower case for headers, which are looked up case-insensitively
+    label: str = field(compare=False)  # as configured, for messages: "header:Authorization"
 
 
 @dataclass(frozen=True, slots=True)
@@ -450,7 +451,7 @@ class _Builder:
             elif not name or (kind == "header" and not _TOKEN_CHARS.fullmatch(name)):
                 section.problem(f"sources[{index}]", "needs a valid name after the kind")
             else:
-                source = Source(kind, name.lower() if kind == "header" else name)
+                source = Source(kind, name.lower() if kind == "header" else name, entry)
                 if source in sources:
                     section.problem(f"sources[{index}]", "is listed twice")
                 sources.append(source)

@@ -76,7 +76,7 @@ async def decide(
             note(trace, "token", False, "none found")
             raise Rejection(Reason.MISSING, "no token in " + _sources(config))
         if trace is not None:
-            trace.append(("token", True, f"found in {found.source.kind}:{found.source.name}"))
+            trace.append(("token", True, "found in " + found.source.label))
         verified = verifier.cached(found.token, now, trace) or await verifier.verify_fresh(
             found.token, now, trace
         )
@@ -154,4 +154,4 @@ def _request_value(
 
 
 def _sources(config: Config) -> str:
-    return ", ".join(f"{s.kind}:{s.name}" for s in config.token.sources)
+    return ", ".join(s.label for s in config.token.sources)

@@ -340,6 +340,7 @@ def test_inspect_human_output(tmp_path: Path) -> None:
     result = run("inspect", "--config", str(config), token, env=ENV)
     assert result.returncode == 1
     assert "app: app TR21063826" in result.stdout
+    assert "found in header:Authorization" in result.stdout  # the source as configured
     assert "rejected: 401 TokenExpired (code 40), reason expired" in result.stdout
 
 
