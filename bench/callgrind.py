@@ -1,6 +1,7 @@
 """Instructions per request under callgrind: where token-proxy's CPU goes, repeatably.
 
     .venv/bin/python bench/callgrind.py [--requests 3000] [--only NAME]... [--python PATH]
+                                        [--keep DIR]
 
 token-proxy runs interpreted (.venv) and as the image ships it, compiled by mypyc
 (bench/.compiled, which bench/setup builds).
@@ -100,6 +101,9 @@ def main() -> int:
     parser.add_argument(
         "--python", default=PYTHON, help="another interpreter (a venv with the project installed)"
     )
+    parser.add_argument(
+        "--keep", type=Path, help="keep the callgrind files here (for callgrind_annotate)"
+    )
     args = parser.parse_args()
     suffix = ""
     if args.python != PYTHON:  # results named after the interpreter's version
@@ -180,6 +184,10 @@ def main() -> int:
             )
     finally:
         bench.stop()
+        if args.keep:
+            args.keep.mkdir(parents=True, exist_ok=True)
+            for dump in work.glob("*.out.*"):
+                shutil.move(dump, args.keep / dump.name)
         shutil.rmtree(work, ignore_errors=True)
     out = ROOT / "bench" / "results" / "callgrind.json"
     earlier = json.loads(out.read_text()) if out.exists() else {}  # --only updates those
