@@ -35,6 +35,7 @@ from .headers import (
 from .keys import AppKeys, Fetcher, HttpFetcher, JwksSource
 from .metrics import Metrics
 from .model import RequestView
+from .request import ProxyRequest
 from .telemetry import Log
 from .tokens import Verifier, service_app
 from .websocket import WebSocketClients, is_websocket, relay
@@ -228,14 +229,15 @@ class Proxy:
         self.state = state
         self.resources.activate(state)
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+    async def handle(self, request: ProxyRequest) -> web.StreamResponse:
         state = self.state
         config = state.config
         started = time.perf_counter()
         metrics = self.metrics
         metrics.in_flight(1)
+        head = request.head
         rid_name = config.forward.request_id_header
-        rid = request_id(request.headers.get(rid_name))
+        rid = request_id(head.headers.get(rid_name))
         peer = request.remote or ""
         traffic = Traffic()
         decided: Decision | Rejection | None = None
@@ -246,13 +248,13 @@ class Proxy:
             if (
                 config.token_service is not None
                 and self.service is not None
-                and request.raw_path.partition("?")[0] in SERVICE_PATHS
+                and head.path.partition("?")[0] in SERVICE_PATHS
             ):
                 outcome = SERVICE_OUTCOME
                 response, reason = await self.service(request)
                 response.headers[rid_name] = rid
                 return response
-            view = RequestView(request.method, request.raw_path, request.headers, peer, self.scheme)
+            view = RequestView(head.method, head.path, head.headers, peer, self.scheme)
             decided = await decide(view, config, state.verifier, self.clock())
             app = decided.app
             response = await self.forward(request, state, decided, peer, rid, traffic)
@@ -306,7 +308,7 @@ class Proxy:
 
     def forward(
         self,
-        request: web.BaseRequest,
+        request: ProxyRequest,
         state: State,
         decision: Decision,
         peer: str,
@@ -319,7 +321,8 @@ class Proxy:
         upstream, pool = state.upstreams[route.upstream if route is not None else None]
         verified = decision.verified
         found = decision.found
-        client_host = request.headers.get("Host")
+        head = request.head
+        client_host = head.headers.get("Host")
         client_host_bytes = (
             client_host.encode("utf-8", "surrogateescape") if client_host is not None else None
         )
@@ -335,10 +338,10 @@ class Proxy:
             verified.identity if verified is not None else (),
             verified.claims_header if verified is not None else None,
             found.source if found is not None and not config.forward.token else None,
-            has_body and request.content_length is None,
+            has_body and "Content-Length" not in head.headers,
         )
         path = upstream.base_path + decision.target.path
-        if is_websocket(request):
+        if is_websocket(head):
             query = decision.target.query
             if facts.drop_token is not None and facts.drop_token.kind == "query":
                 query = remove_query_param(query, facts.drop_token.name)
@@ -352,20 +355,20 @@ class Proxy:
                 self.resources.websockets,
                 upstream,
                 path + ("?" + query if query else ""),
-                state.plan.request_headers(request.raw_headers, facts),
+                state.plan.request_headers(head.raw_headers, facts),
                 expires_in,
                 traffic,
             )
-        head = state.plan.request_head(
-            request.method, path, decision.target.query, request.raw_headers, facts
+        upstream_head = state.plan.request_head(
+            head.method, path, decision.target.query, head.raw_headers, facts
         )
         return exchange(
-            request, pool, head, config.forward.request_id_header, rid, has_body, traffic
+            request, pool, upstream_head, config.forward.request_id_header, rid, has_body, traffic
         )
 
     def _access(
         self,
-        request: web.BaseRequest,
+        request: ProxyRequest,
         decided: Decision | Rejection | None,
         rid: str,
         status: int,
@@ -382,12 +385,13 @@ class Proxy:
         elif decided is not None and decided.path is not None:
             path, route = decided.path, decided.route
         else:
-            path = request.raw_path.partition("?")[0][:2048]
+            path = request.head.path.partition("?")[0][:2048]
             if outcome == SERVICE_OUTCOME:
                 route = path  # one of the service's fixed paths
         self.log.access(
-            rid, request.method, path, route, status, outcome, reason, app, request.remote or "",
-            elapsed, traffic.upstream_seconds, traffic.bytes_in, traffic.bytes_out,
+            rid, request.head.method, path, route, status, outcome, reason, app,
+            request.remote or "", elapsed, traffic.upstream_seconds, traffic.bytes_in,
+            traffic.bytes_out,
         )  # fmt: skip
 
 

@@ -28,6 +28,7 @@ from aiohttp.http import HttpVersion
 from .config import Upstream
 from .errors import Reason
 from .headers import response_head, response_headers
+from .request import ProxyRequest
 
 HIGH_WATER = 256 * 1024  # buffered response bytes before the upstream is paused
 LOW_WATER = 64 * 1024
@@ -474,7 +475,7 @@ class Written(web.StreamResponse):
 
 
 async def exchange(
-    request: web.BaseRequest,
+    request: ProxyRequest,
     pool: UpstreamPool,
     head: bytes,
     rid_name: str,
@@ -483,22 +484,23 @@ async def exchange(
     traffic: Traffic,
 ) -> web.StreamResponse:
     """Forward one request and stream the upstream's response back to the client."""
-    if has_body and request.headers.get("Expect", "").lower() == "100-continue":
+    message = request.head
+    if has_body and message.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    head_only = request.method == "HEAD"
+    head_only = message.method == "HEAD"
+    chunked = has_body and "Content-Length" not in message.headers
     started = time.perf_counter()
     response = await pool.send(
-        head, request.content if has_body else None, has_body and request.content_length is None,
-        head_only, traffic,
-    )  # fmt: skip
+        head, request.content if has_body else None, chunked, head_only, traffic
+    )
     traffic.upstream_seconds = time.perf_counter() - started
     try:
         if response.complete and not head_only and response.status not in (204, 304):
             body = response.buffered_body()
-            keep_alive = request.keep_alive
+            keep_alive = not message.should_close
             answer = response_head(
                 response.status, response.reason, response.headers, rid_name, rid,
-                len(body), keep_alive, request.version < HTTP_11,
+                len(body), keep_alive, message.version < HTTP_11,
             )  # fmt: skip
             response.release()
             traffic.bytes_out = len(body)

@@ -8,7 +8,8 @@ the compiled build (mypyc, see pyproject.toml) this module stays interpreted.
 
 from __future__ import annotations
 
-from typing import Any
+import asyncio
+from typing import Any, cast
 
 from aiohttp import web
 from aiohttp.http_exceptions import InvalidURLError, LineTooLong
@@ -18,6 +19,7 @@ from .app import Proxy
 from .config import Config
 from .errors import Reason
 from .headers import request_id
+from .request import request_factory
 
 # --- Malformed HTTP: a fixed short answer that never echoes the request ----------------------
 
@@ -68,7 +70,9 @@ class Server(web.Server):
     """aiohttp's low-level server with `_QuietHandler` connections."""
 
     def __init__(self, proxy: Proxy, **kwargs: Any) -> None:
-        super().__init__(proxy.handle, **kwargs)
+        loop = asyncio.get_running_loop()
+        handler = cast(Any, proxy.handle)  # takes the ProxyRequest that request_factory makes
+        super().__init__(handler, request_factory=request_factory(loop), loop=loop, **kwargs)
         self.proxy = proxy
 
     def __call__(self) -> RequestHandler:

@@ -21,6 +21,7 @@ from multidict import CIMultiDict
 from .config import Upstream
 from .errors import Reason
 from .forward import Traffic, UpstreamError
+from .request import RequestHead
 
 POLICY_VIOLATION = 1008
 # Handshake headers each side makes for itself.
@@ -35,8 +36,8 @@ _HANDSHAKE = frozenset(
 )
 
 
-def is_websocket(request: web.BaseRequest) -> bool:
-    return request.method == "GET" and request.headers.get("Upgrade", "").lower() == "websocket"
+def is_websocket(head: RequestHead) -> bool:
+    return head.method == "GET" and head.headers.get("Upgrade", "").lower() == "websocket"
 
 
 class WebSocketClients:

@@ -12,7 +12,7 @@ LAYERS = {
     "keys": 3,
     "tokens": 4,
     "decision": 5, "headers": 5, "mint": 5,
-    "forward": 6, "websocket": 6, "token_service": 6,
+    "forward": 6, "request": 6, "websocket": 6, "token_service": 6,
     "app": 7,
     "server": 8,
     "runtime": 9,
