@@ -8,7 +8,7 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Final
 from urllib.parse import unquote
 
 from .config import Config, Route
@@ -18,13 +18,22 @@ from .routing import Target, split_target
 from .tokens import Found, Trace, Verified, Verifier, extract_token, note, query_values
 
 
-class Decision(NamedTuple):
+class Decision:
     """Forward: the normalised target, the route, where the token was, what it proved."""
 
-    target: Target
-    route: Route | None
-    found: Found | None = None
-    verified: Verified | None = None
+    __slots__ = ("found", "route", "target", "verified")  # a plain class: see model.RequestView
+
+    def __init__(
+        self,
+        target: Target,
+        route: Route | None,
+        found: Found | None = None,
+        verified: Verified | None = None,
+    ) -> None:
+        self.target: Final = target
+        self.route: Final = route
+        self.found: Final = found
+        self.verified: Final = verified
 
     @property
     def app(self) -> str:

@@ -16,7 +16,7 @@ import re
 import time
 from collections.abc import Iterable
 from email.utils import formatdate
-from typing import NamedTuple
+from typing import Final
 from urllib.parse import unquote_plus
 
 from .config import Forward, Source
@@ -48,18 +48,35 @@ def _listed(connection: bytes) -> frozenset[bytes]:
     return frozenset(part.strip().lower() for part in connection.split(b",")) - _USUAL
 
 
-class Forwarding(NamedTuple):
+class Forwarding:
     """Per-request facts the upstream request head needs."""
 
-    host: bytes  # the Host sent upstream
-    client_host: bytes | None  # the client's Host, for X-Forwarded-Host
-    peer: str
-    scheme: str
-    request_id: str
-    identity: tuple[tuple[bytes, bytes], ...]
-    claims: str | None  # claims_header value
-    drop_token: Source | None  # forward.token false: the token's source
-    chunked: bool  # the body is re-chunked upstream
+    __slots__ = (  # a plain class: see model.RequestView
+        "chunked", "claims", "client_host", "drop_token", "host", "identity", "peer",
+        "request_id", "scheme",
+    )  # fmt: skip
+
+    def __init__(
+        self,
+        host: bytes,  # the Host sent upstream
+        client_host: bytes | None,  # the client's Host, for X-Forwarded-Host
+        peer: str,
+        scheme: str,
+        request_id: str,
+        identity: tuple[tuple[bytes, bytes], ...],
+        claims: str | None,  # claims_header value
+        drop_token: Source | None,  # forward.token false: the token's source
+        chunked: bool,  # the body is re-chunked upstream
+    ) -> None:
+        self.host: Final = host
+        self.client_host: Final = client_host
+        self.peer: Final = peer
+        self.scheme: Final = scheme
+        self.request_id: Final = request_id
+        self.identity: Final = identity
+        self.claims: Final = claims
+        self.drop_token: Final = drop_token
+        self.chunked: Final = chunked
 
 
 class HeaderPlan:

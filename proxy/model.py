@@ -9,18 +9,25 @@ core never sees aiohttp's request objects.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Final
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
 
-class RequestView(NamedTuple):  # a tuple: made on every request, so it must be cheap
+class RequestView:
     """Method, raw request target (path and query, as received), headers, TCP peer, scheme."""
 
-    method: str
-    target: str
-    headers: Headers
-    peer: str = ""
-    scheme: str = "http"
+    # The request path's records are plain classes, not named tuples or dataclasses: compiled
+    # (mypyc), one is made in 35 ns against 300-450 ns, and a request makes five.
+    __slots__ = ("headers", "method", "peer", "scheme", "target")
+
+    def __init__(
+        self, method: str, target: str, headers: Headers, peer: str = "", scheme: str = "http"
+    ) -> None:
+        self.method: Final = method
+        self.target: Final = target
+        self.headers: Final = headers
+        self.peer: Final = peer
+        self.scheme: Final = scheme

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Final
 
 from .errors import Reason, Rejection
 
@@ -30,12 +30,15 @@ _ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
 _DEFAULT_PORTS = {"http": "80", "https": "443"}
 
 
-class Target(NamedTuple):
+class Target:
     """A normalised request target: forwarded path, path routes match, raw query."""
 
-    path: str
-    match: str
-    query: str
+    __slots__ = ("match", "path", "query")  # a plain class: see model.RequestView
+
+    def __init__(self, path: str, match: str, query: str) -> None:
+        self.path: Final = path
+        self.match: Final = match
+        self.query: Final = query
 
 
 def split_target(target: str, host: str | None) -> Target:

@@ -17,7 +17,7 @@ import binascii
 import json
 import re
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Final
 from urllib.parse import unquote_plus
 
 from cachetools import LRUCache
@@ -45,12 +45,14 @@ def note(trace: Trace, step: str, ok: bool, detail: str) -> None:
 # --- Step 3: where the token is -------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
 class Found:
     """A token and where it came from (for `forward.token: false`)."""
 
-    token: str = field(repr=False)
-    source: Source
+    __slots__ = ("source", "token")  # a plain class: see model.RequestView
+
+    def __init__(self, token: str, source: Source) -> None:
+        self.token: Final = token
+        self.source: Final = source
 
 
 def extract_token(view: RequestView, sources: tuple[Source, ...]) -> Found | None:
