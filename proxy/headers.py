@@ -143,8 +143,10 @@ class HeaderPlan:
                 elif lower == b"connection":
                     listed |= _listed(value)
                 continue
-            if b"_" in lower and lower.replace(b"_", b"-") in self.identity:
-                continue  # CGI-style servers would read X_Auth_User_Id as X-Auth-User-Id
+            # CGI-style servers would read X_Auth_User_Id as X-Auth-User-Id. (find, not `in`:
+            # bytes.__contains__ tries its operand as an int first and raises a TypeError.)
+            if lower.find(b"_") >= 0 and lower.replace(b"_", b"-") in self.identity:
+                continue
             if lower == drop_header:
                 continue
             if drop_cookie is not None and lower == b"cookie":
