@@ -30,15 +30,23 @@ from run import COMPILED, PYTHON, ROOT, Bench, free_port, wait_http
 
 CONNECTIONS = 8
 WARM_UP = 200
+# What a browser or SDK sends besides Host and the token, for the "browser headers" variant.
+BROWSER = (
+    "User-Agent: Mozilla/5.0 (X11; Linux x86_64; rv:128.0) Gecko/20100101 Firefox/128.0\r\n"
+    "Accept: application/json\r\nAccept-Language: en-US,en;q=0.5\r\n"
+    "Accept-Encoding: gzip, deflate, br\r\nContent-Type: application/json\r\n"
+    "Origin: https://app.example\r\nReferer: https://app.example/page\r\n"
+    "Connection: keep-alive\r\nCookie: session=1; theme=dark\r\nX-Trace: 7f3a\r\n"
+)
 
 
-async def load(port: int, count: int, token: str | None) -> None:
+async def load(port: int, count: int, token: str | None, extra: str = "") -> None:
     """`count` GETs over CONNECTIONS keep-alive connections; every answer must be 200."""
 
     async def one_connection(n: int) -> None:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
-        request = f"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}\r\n".encode()
+        request = f"GET /x HTTP/1.1\r\nHost: 127.0.0.1\r\n{auth}{extra}\r\n".encode()
         for _ in range(n):
             writer.write(request)
             head = await reader.readuntil(b"\r\n\r\n")
@@ -55,7 +63,9 @@ async def load(port: int, count: int, token: str | None) -> None:
     await asyncio.gather(*(one_connection(count // CONNECTIONS) for _ in range(CONNECTIONS)))
 
 
-def measure(work: Path, name: str, command: list[str], port: int, token: str | None, n: int) -> int:
+def measure(
+    work: Path, name: str, command: list[str], port: int, token: str | None, n: int, extra: str
+) -> int:
     out = work / f"{name.replace(' ', '_')}.%p.out"
     process = subprocess.Popen(  # cwd: not ROOT, whose proxy/ sources would shadow the install
         ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *command],
@@ -72,11 +82,11 @@ def measure(work: Path, name: str, command: list[str], port: int, token: str | N
             except RuntimeError:
                 if time.monotonic() > deadline:
                     raise
-        asyncio.run(load(port, WARM_UP, token))
+        asyncio.run(load(port, WARM_UP, token, extra))
         subprocess.run(
             ["callgrind_control", "-z", str(process.pid)], check=True, capture_output=True
         )
-        asyncio.run(load(port, n, token))
+        asyncio.run(load(port, n, token, extra))
         subprocess.run(
             ["callgrind_control", "--dump=measured", str(process.pid)],
             check=True,
@@ -144,6 +154,8 @@ def main() -> int:
             "token-proxy HS256, cache hit": lambda port: proxy(port, access=False, auth=True),
             "token-proxy HS256, cache hit, access log": lambda port: proxy(
                 port, access=True, auth=True),
+            "token-proxy HS256, cache hit, browser headers": lambda port: proxy(
+                port, access=False, auth=True),
             # bench-only: aiohttp's server replaced by the httptools prototype
             "prototype httptools listener, HS256, cache hit": lambda port: [
                 str(ROOT / "bench" / "httptools_listener.py"),
@@ -159,6 +171,7 @@ def main() -> int:
                 "token-proxy passthrough, token sent along",
                 "token-proxy HS256, cache hit",
                 "token-proxy HS256, cache hit, access log",
+                "token-proxy HS256, cache hit, browser headers",
                 "prototype httptools listener, HS256, cache hit",
             )
         }
@@ -172,10 +185,11 @@ def main() -> int:
             command = [COMPILED if name in compiled else args.python, *arguments(port)]
 
             sends_token = "HS256" in name or "token sent" in name
+            extra = BROWSER if "browser headers" in name else ""
             started = time.monotonic()
             name += suffix
             results[name] = measure(
-                work, name, command, port, token if sends_token else None, args.requests
+                work, name, command, port, token if sends_token else None, args.requests, extra
             )
             print(
                 f"{name:45} {results[name]:>9,} instructions/request "
