@@ -16,8 +16,8 @@ import trustme
 from aiohttp import web
 
 from proxy.app import Resources
-from proxy.config import load
-from proxy.headers import response_head
+from proxy.config import Forward, load
+from proxy.headers import Forwarding, HeaderPlan, response_head
 from tests.conftest import (
     ProxyFactory,
     Upstream,
@@ -703,3 +703,26 @@ def test_whole_response_head_keeps_one_date_and_sets_its_own_length() -> None:
     dates = [line for line in head.split(b"\r\n") if line.lower().startswith(b"date:")]
     assert len(dates) == 1 and dates[0] != upstream[0][0] + b": " + upstream[0][1]
     assert b"Connection: close" in head
+
+
+def test_header_rules_hold_after_the_name_memo_is_full() -> None:
+    """The proxy remembers what to do per header name, for at most 1024 names: a client
+    sending thousands of distinct names fills it, and every rule still holds after that."""
+    plan = HeaderPlan(Forward(True, (("X-Auth-User-Id", "sub"),), None, "X-Request-Id"))
+    facts = Forwarding(b"up", None, "10.0.0.1", "http", "r1", (), None, None, False)
+    junk = tuple((b"X-Junk-%d" % i, b"1") for i in range(1500))
+    checked = (
+        (b"X_Auth_User_Id", b"evil"),  # the CGI spelling of an identity header
+        (b"Proxy-Authorization", b"secret"),
+        (b"Keep-Alive", b"5"),
+        (b"X-Forwarded-For", b"1.2.3.4"),
+        (b"Accept", b"*/*"),
+    )
+    for _ in range(2):  # the first pass fills the memo, the second reads it
+        sent = dict(plan.request_headers(junk + checked, facts))
+        assert len([name for name in sent if name.startswith(b"X-Junk-")]) == 1500
+        assert b"X_Auth_User_Id" not in sent
+        assert b"Proxy-Authorization" not in sent and b"Keep-Alive" not in sent
+        assert sent[b"X-Forwarded-For"] == b"1.2.3.4, 10.0.0.1"
+        assert sent[b"Accept"] == b"*/*"
+    assert len(plan.kinds) == 1024
