@@ -17,7 +17,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -43,7 +43,7 @@ from .websocket import WebSocketClients, is_websocket, relay
 # The token service's handler: its answer and its OAuth error word ("" on success).
 ServiceHandler = Callable[[web.BaseRequest], Awaitable[tuple[web.StreamResponse, str]]]
 # The access-log outcome of a token-service request (not a proxied one: not in requests_total).
-SERVICE_OUTCOME = "token_service"
+SERVICE_OUTCOME: Final = "token_service"
 
 
 class ErrorBodies:
@@ -206,7 +206,7 @@ class Resources:
             await self.fetcher.close()
 
 
-SERVICE_PATHS = frozenset(
+SERVICE_PATHS: Final = frozenset(
     {"/oauth/token", "/.well-known/jwks.json", "/.well-known/oauth-authorization-server"}
 )
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Final
 
 
 class Reason(StrEnum):
@@ -64,7 +65,7 @@ _FORBIDDEN = Outcome(
     403, 38, "TokenInvalid", "The token does not allow this request.", "insufficient_scope"
 )
 
-CONTRACT: dict[Reason, Outcome] = {
+CONTRACT: Final[dict[Reason, Outcome]] = {
     **{
         reason: _INVALID
         for reason in (

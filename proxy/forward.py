@@ -18,7 +18,7 @@ import collections
 import contextlib
 import ssl
 import time
-from typing import Any
+from typing import Any, Final
 
 import httptools
 from aiohttp import web
@@ -30,9 +30,9 @@ from .errors import Reason
 from .headers import response_head, response_headers
 from .request import ProxyRequest
 
-HIGH_WATER = 256 * 1024  # buffered response bytes before the upstream is paused
-LOW_WATER = 64 * 1024
-BODY_CHUNK = 64 * 1024
+HIGH_WATER: Final = 256 * 1024  # buffered response bytes before the upstream is paused
+LOW_WATER: Final = 64 * 1024
+BODY_CHUNK: Final = 64 * 1024
 
 
 class Traffic:

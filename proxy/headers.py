@@ -22,10 +22,10 @@ from urllib.parse import unquote_plus
 from .config import Forward, Source
 
 RawHeaders = Iterable[tuple[bytes, bytes]]
-HOP_BY_HOP = frozenset(
+HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
-_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+_REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
 def request_id(incoming: str | None) -> str:
@@ -47,8 +47,8 @@ _CONNECTION: Final = 4
 _DATE: Final = 5
 _MEMO_SIZE: Final = 1024  # names are client input: remember this many, then work each out anew
 
-_USUAL = HOP_BY_HOP | {b"close"}  # "Connection: keep-alive" and friends filter nothing more
-_NOTHING: frozenset[bytes] = frozenset()
+_USUAL: Final = HOP_BY_HOP | {b"close"}  # "Connection: keep-alive" and friends filter nothing more
+_NOTHING: Final[frozenset[bytes]] = frozenset()
 
 
 def _listed(connection: bytes) -> frozenset[bytes]:
@@ -216,7 +216,7 @@ def remove_cookie(line: bytes, name: str) -> bytes:
     return b"; ".join(p for p in kept if p)
 
 
-_response_kinds: dict[bytes, int] = {}
+_response_kinds: Final[dict[bytes, int]] = {}
 
 
 def _response_kind(name: bytes) -> int:
@@ -281,7 +281,7 @@ def response_headers(
     return headers
 
 
-_STATUS_LINES: dict[tuple[int, str], bytes] = {}
+_STATUS_LINES: Final[dict[tuple[int, str], bytes]] = {}
 
 
 def response_head(

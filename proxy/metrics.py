@@ -21,7 +21,7 @@ import os
 from bisect import bisect_left
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any, Final, NamedTuple
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import (
@@ -35,8 +35,8 @@ from prometheus_client.utils import floatToGoString
 from . import __version__
 
 BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
-HISTOGRAM_WIDTH = len(BUCKETS) + 2  # a count per bucket, the +Inf count, the sum
-SIZE = 4 << 20  # bytes per process: room for tens of thousands of series
+HISTOGRAM_WIDTH: Final = len(BUCKETS) + 2  # a count per bucket, the +Inf count, the sum
+SIZE: Final = 4 << 20  # bytes per process: room for tens of thousands of series
 METRICS_DIR_ENV = "TOKEN_PROXY_METRICS_DIR"  # set by the supervisor for its workers
 
 

@@ -19,15 +19,15 @@ from typing import Final
 
 from .errors import Reason, Rejection
 
-_UNRESERVED = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
-_ESCAPE = re.compile(r"%(.{0,2})", re.DOTALL)
-_HEX = re.compile(r"[0-9A-Fa-f]{2}")
-_FORBIDDEN_ESCAPES = frozenset({"00", "2F", "5C"})
-_BAD_CHARS = re.compile(r"[\x00-\x1f\x7f\\]")
+_UNRESERVED: Final = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-._~")
+_ESCAPE: Final = re.compile(r"%(.{0,2})", re.DOTALL)
+_HEX: Final = re.compile(r"[0-9A-Fa-f]{2}")
+_FORBIDDEN_ESCAPES: Final = frozenset({"00", "2F", "5C"})
+_BAD_CHARS: Final = re.compile(r"[\x00-\x1f\x7f\\]")
 # Paths that are already normal: no escape, no `;`, no dot segment, no empty segment.
-_SIMPLE = re.compile(r"(?:/[A-Za-z0-9_~\-][A-Za-z0-9_~.\-]*)*/?")
-_ABSOLUTE = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
-_DEFAULT_PORTS = {"http": "80", "https": "443"}
+_SIMPLE: Final = re.compile(r"(?:/[A-Za-z0-9_~\-][A-Za-z0-9_~.\-]*)*/?")
+_ABSOLUTE: Final = re.compile(r"([A-Za-z][A-Za-z0-9+.-]*)://([^/?#]*)(.*)", re.DOTALL)
+_DEFAULT_PORTS: Final = {"http": "80", "https": "443"}
 
 
 class Target:
@@ -122,7 +122,7 @@ def _canonical_escape(found: re.Match[str]) -> str:
     return char if char in _UNRESERVED else "%" + upper
 
 
-_PARAM = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_PARAM: Final = re.compile(r"\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,10 +14,10 @@ import json
 import sys
 import time
 from json.encoder import encode_basestring_ascii
-from typing import Any, TextIO
+from typing import Any, Final, TextIO
 
-_LEVELS = {"debug": 10, "info": 20, "warning": 30, "error": 40}
-_string = encode_basestring_ascii  # a JSON string literal, escaped (C)
+_LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+_string: Final = encode_basestring_ascii  # a JSON string literal, escaped (C)
 
 
 class Log:

@@ -29,9 +29,9 @@ from .keys import AppKeys
 from .metrics import Metrics
 from .model import RequestView
 
-_SEGMENT = re.compile(r"[A-Za-z0-9_-]+")
-_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
-_TYPES = frozenset({"jwt", "at+jwt", "application/at+jwt"})
+_SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]+")
+_CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+_TYPES: Final = frozenset({"jwt", "at+jwt", "application/at+jwt"})
 
 Trace = list[tuple[str, bool, str]] | None
 

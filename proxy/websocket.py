@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
+from typing import Final
 
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
@@ -23,9 +24,9 @@ from .errors import Reason
 from .forward import Traffic, UpstreamError
 from .request import RequestHead
 
-POLICY_VIOLATION = 1008
+POLICY_VIOLATION: Final = 1008
 # Handshake headers each side makes for itself.
-_HANDSHAKE = frozenset(
+_HANDSHAKE: Final = frozenset(
     {
         "sec-websocket-key",
         "sec-websocket-version",
