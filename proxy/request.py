@@ -5,7 +5,7 @@
 
 aiohttp computes most request properties on first read and caches them (`reify`): about 900
 instructions for a first read and half that for each repeat, 7% of a proxied request. The
-request path reads the parser's message (`RawRequestMessage`, a named tuple) instead.
+request path reads the parser's message (`RawRequestMessage`) instead.
 Interpreted even in the compiled build: mypyc cannot compile a subclass of aiohttp's class.
 """
 
