@@ -17,6 +17,7 @@ import time
 import traceback
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from time import perf_counter  # a module attribute lookup less, compiled
 from typing import Any, Final
 
 from aiohttp import web
@@ -232,7 +233,7 @@ class Proxy:
     async def handle(self, request: ProxyRequest) -> web.StreamResponse:
         state = self.state
         config = state.config
-        started = time.perf_counter()
+        started = perf_counter()
         metrics = self.metrics
         metrics.in_flight(1)
         head = request.head
@@ -287,7 +288,7 @@ class Proxy:
                 )
             status = response.status if response is not None else traffic.status
             if status is not None:  # an answer went out (the handler may be cancelled since)
-                elapsed = time.perf_counter() - started
+                elapsed = perf_counter() - started
                 if outcome != SERVICE_OUTCOME:
                     metrics.request(outcome, reason, app, elapsed)
                 if traffic.upstream_seconds is not None:

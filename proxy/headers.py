@@ -25,6 +25,7 @@ RawHeaders = Iterable[tuple[bytes, bytes]]
 HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
+_random_bits: Final = random.getrandbits  # the module's generator, reseeded after a fork
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
@@ -32,9 +33,9 @@ def request_id(incoming: str | None) -> str:
     """The incoming request id when it is sane, else 32 random hex characters."""
     if incoming is not None and _REQUEST_ID.fullmatch(incoming):
         return incoming
-    # An identifier, not a secret: Mersenne Twister is enough and spares a getrandom().
-    # %-formatting, not an f-string with a format spec: mypyc compiles those to str.format().
-    return "%032x" % random.getrandbits(128)  # noqa: UP031
+    # An identifier, not a secret: Mersenne Twister is enough and spares a getrandom(). Three
+    # C calls: half the time of "%032x" % n compiled.
+    return _random_bits(128).to_bytes(16, "big").hex()
 
 
 # What the proxy does with a header, by name. Worked out once per name and remembered: the
