@@ -364,8 +364,9 @@ class Proxy:
             head.method, path, decision.target.query, head.raw_headers, facts
         )
         return exchange(
-            request, pool, upstream_head, config.forward.request_id_header, rid, has_body, traffic
-        )
+            request, pool, upstream_head, config.forward.request_id_header, rid, has_body,
+            facts.chunked, traffic,
+        )  # fmt: skip
 
     def _access(
         self,

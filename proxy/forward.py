@@ -481,6 +481,7 @@ async def exchange(
     rid_name: str,
     rid: str,
     has_body: bool,
+    chunked: bool,
     traffic: Traffic,
 ) -> web.StreamResponse:
     """Forward one request and stream the upstream's response back to the client."""
@@ -488,7 +489,6 @@ async def exchange(
     if has_body and message.headers.get("Expect", "").lower() == "100-continue":
         await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
     head_only = message.method == "HEAD"
-    chunked = has_body and "Content-Length" not in message.headers
     started = perf_counter()
     response = await pool.send(
         head, request.content if has_body else None, chunked, head_only, traffic

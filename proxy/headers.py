@@ -116,10 +116,8 @@ class HeaderPlan:
         self.kinds: dict[bytes, tuple[int, bytes]] = {}  # name -> (kind, lower-case name)
 
     def kind(self, name: bytes) -> tuple[int, bytes]:
-        """What happens to a request header named `name`, and the name in lower case."""
-        entry = self.kinds.get(name)
-        if entry is not None:
-            return entry
+        """What happens to a request header named `name` (not in `kinds` yet), and the name in
+        lower case; remembered."""
         lower = name.lower()
         if lower == b"x-forwarded-for":
             kind = _FORWARDED_FOR
@@ -221,9 +219,8 @@ _response_kinds: Final[dict[bytes, int]] = {}
 
 
 def _response_kind(name: bytes) -> int:
-    kind = _response_kinds.get(name)
-    if kind is not None:
-        return kind
+    """What happens to a response header named `name` (not in `_response_kinds` yet);
+    remembered."""
     lower = name.lower()
     if lower == b"connection":
         kind = _CONNECTION
