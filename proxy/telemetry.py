@@ -18,6 +18,9 @@ from typing import Any, Final, TextIO
 
 _LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 _string: Final = encode_basestring_ascii  # a JSON string literal, escaped (C)
+# Linux's PIPE_BUF: a pipe write of at most this many bytes is never split by another
+# process's write, so workers sharing one stdout pipe never interleave inside a line.
+_ATOMIC: Final = 4096
 
 
 class Log:
@@ -25,7 +28,9 @@ class Log:
 
     Access lines are buffered and written at most 50 ms later (one write for many requests:
     a write and flush per request cost more than the rest of the access log); every other
-    event flushes at once, after the lines before it.
+    event flushes at once, after the lines before it. Each write holds whole lines and at
+    most 4096 bytes (only a longer line goes alone), so that it is atomic on a pipe.
+    Lines are ASCII (JSON escapes the rest), so a character is a byte.
     """
 
     def __init__(self, stream: TextIO | None = None, level: str = "info") -> None:
@@ -34,6 +39,7 @@ class Log:
         self._second = -1
         self._prefix = ""
         self._pending: list[str] = []
+        self._size = 0  # bytes of the pending lines, newlines included
         self._timer: asyncio.TimerHandle | None = None
 
     def set_level(self, level: str) -> None:
@@ -53,7 +59,7 @@ class Log:
         if _LEVELS[level] < self.threshold:
             return
         line = {"time": self.now(), "level": level, "event": event, **fields}
-        self._pending.append(json.dumps(line, separators=(",", ":"), default=str))
+        self._queue(json.dumps(line, separators=(",", ":"), default=str))
         self.flush()  # at once, after the access lines queued before it
 
     def access(
@@ -76,7 +82,7 @@ class Log:
         # No format specs inside the f-string: mypyc would compile it to a slow str.format().
         duration = "%.3f" % (seconds * 1000)
         upstream = "null" if upstream_seconds is None else "%.3f" % (upstream_seconds * 1000)
-        self._pending.append(
+        self._queue(
             f'{{"time":"{self.now()}","level":"info","event":"request",'
             f'"request_id":{_string(request_id)},"method":{_string(method)},'
             f'"path":{_string(path)},"route":{_string(route)},"status":{status},'
@@ -90,14 +96,24 @@ class Log:
             except RuntimeError:  # no loop (tests, tools): write at once
                 self.flush()
 
+    def _queue(self, line: str) -> None:
+        if self._size + len(line) >= _ATOMIC:
+            self._write()
+        self._pending.append(line)
+        self._size += len(line) + 1
+
     def flush(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+        self._write()
+
+    def _write(self) -> None:
         if not self._pending:
             return
         text = "\n".join(self._pending) + "\n"
         self._pending.clear()
+        self._size = 0
         try:
             self.stream.write(text)
             self.stream.flush()
