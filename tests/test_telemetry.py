@@ -6,6 +6,7 @@ import asyncio
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -27,7 +28,19 @@ def test_access_line_escapes_request_data() -> None:
         "time", "level", "event", "request_id", "method", "path", "route", "status", "outcome",
         "reason", "app", "client", "duration_ms", "upstream_ms", "bytes_in", "bytes_out",
     }  # fmt: skip
-    assert line["time"].endswith("Z")
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", line["time"])
+
+
+def test_access_line_durations_are_milliseconds_with_three_decimals() -> None:
+    stream = io.StringIO()
+    log = Log(stream)
+    for seconds, upstream in ((0.0, 0.0000004), (1.2345678, 0.0000005), (3601.0009999, 0.25)):
+        log.access("r", "GET", "/", "", 200, "forwarded", "", "", "c", seconds, upstream, 0, 0)
+    durations = [
+        re.search(r'"duration_ms":([^,]+),"upstream_ms":([^,]+),', text).groups()  # type: ignore[union-attr]
+        for text in stream.getvalue().splitlines()
+    ]
+    assert durations == [("0.000", "0.000"), ("1234.568", "0.001"), ("3601001.000", "250.000")]
 
 
 async def test_events_flush_after_queued_access_lines() -> None:
