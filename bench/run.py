@@ -10,8 +10,9 @@ Layout (2 cores): the proxy under test on CPU 0; nginx (the upstream) and wrk (1
 64 connections) on CPU 1. Every case gets the same request, GET /x with a valid token (RS256
 for the RS256 cases, HS256 otherwise; the floor and passthrough ignore it). Every case is
 checked first (valid 200, bad signature 401, expired 401, missing 401), then measured in
-interleaved rounds; ratios are taken inside each round and the report quotes medians. Proxy
-CPU per request comes from /proc (utime + stime).
+interleaved rounds (every other one backwards, compared cases side by side); ratios are taken
+inside each round and the report quotes medians. Proxy CPU per request comes from /proc
+(utime + stime).
 """
 
 from __future__ import annotations
@@ -417,20 +418,19 @@ def main() -> int:
     try:
         nginx = bench.nginx()
         up = nginx.url
+        # Cases compared with each other run next to each other, and every other round runs
+        # backwards: the machine's speed drifts, and a ratio taken across a few seconds and
+        # both ways round drifts least.
         cases: dict[str, Callable[[], Server]] = {
-            "haproxy HS256": lambda: bench.haproxy("HS256", up),
-            "haproxy RS256": lambda: bench.haproxy("RS256", up),
             "aiohttp floor": bench.aiohttp_floor,
             "passthrough": lambda: bench.token_proxy("passthrough", up, None),
+            "haproxy HS256": lambda: bench.haproxy("HS256", up),
             "HS256 cache": lambda: bench.token_proxy("hs-cache", up, "HS256"),
-            "HS256 cache, interpreted": lambda: bench.token_proxy(
-                "hs-interpreted", up, "HS256", python=PYTHON
-            ),
-            "HS256 no cache": lambda: bench.token_proxy("hs-nocache", up, "HS256", cache=False),
-            "RS256 cache": lambda: bench.token_proxy("rs-cache", up, "RS256"),
-            "RS256 no cache": lambda: bench.token_proxy("rs-nocache", up, "RS256", cache=False),
             "HS256 cache + access log": lambda: bench.token_proxy(
                 "hs-log", up, "HS256", access=True
+            ),
+            "HS256 cache, interpreted": lambda: bench.token_proxy(
+                "hs-interpreted", up, "HS256", python=PYTHON
             ),
             "HS256 cache, 2 workers": lambda: bench.token_proxy(
                 "hs-workers", up, "HS256", workers=2
@@ -438,6 +438,10 @@ def main() -> int:
             "prototype listener HS256 cache": lambda: bench.token_proxy(
                 "hs-prototype", up, "HS256", listener=True
             ),
+            "HS256 no cache": lambda: bench.token_proxy("hs-nocache", up, "HS256", cache=False),
+            "haproxy RS256": lambda: bench.haproxy("RS256", up),
+            "RS256 cache": lambda: bench.token_proxy("rs-cache", up, "RS256"),
+            "RS256 no cache": lambda: bench.token_proxy("rs-nocache", up, "RS256", cache=False),
         }
         if args.only:
             wanted = set(args.only.split(","))
@@ -445,10 +449,13 @@ def main() -> int:
         servers = {name: make() for name, make in cases.items()}
         for server in servers.values():
             bench.check(server)
+        for name in servers:
+            results[name] = []
         for round_index in range(args.rounds):
-            for name, server in servers.items():
+            order = list(servers.items())
+            for name, server in order if round_index % 2 == 0 else reversed(order):
                 result = bench.wrk(server)
-                results.setdefault(name, []).append(result)
+                results[name].append(result)
                 print(
                     f"round {round_index + 1} {name:28} {result['rps']:9.0f} req/s "
                     f"p50 {result['p50_ms']:.2f} ms p99 {result['p99_ms']:.2f} ms "
