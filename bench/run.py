@@ -47,6 +47,11 @@ COMPILED = str(ROOT / "bench" / ".compiled" / "bin" / "python")  # the mypyc bui
 PROXY_CPU, LOAD_CPU = "0", "1"
 HS_SECRET = "bench-secret-that-is-long-enough-for-hs256!"
 TICK = os.sysconf("SC_CLK_TCK")
+# The cost targets: (the case without, the case with) what is costed.
+PAIRS = {
+    "token check": ("passthrough", "HS256 cache"),
+    "access log": ("HS256 cache", "HS256 cache + access log"),
+}
 
 
 def free_port() -> int:
@@ -323,28 +328,46 @@ backend be
             assert got == code, f"{server.name}: {kind} token gave {got}, expected {code}"
 
     def wrk(self, server: Server, connections: int | None = None) -> dict[str, float]:
+        return self.load([server], connections or self.connections)[0]
+
+    def wrk_command(self, server: Server, connections: int) -> list[str]:
         token = server.load_token
         header = ["-H", f"Authorization: Bearer {token}"] if token else []
-        pids = server.pids()
-        before = cpu_seconds(pids)
-        output = subprocess.run(
-            ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections or self.connections}",
-             f"-d{self.seconds}s", "--latency", *header, server.url + "/x"],
-            capture_output=True, text=True, check=True,
-        ).stdout  # fmt: skip
-        after = cpu_seconds(pids)
-        user, system = after[0] - before[0], after[1] - before[1]
-        requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
-        errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
-        if errors:
-            raise RuntimeError(f"{server.name}: {errors.group(1)} failed responses")
-        return {
-            "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
-            "p50_ms": _latency(output, "50%"),
-            "p99_ms": _latency(output, "99%"),
-            "cpu_us": (user + system) / requests * 1e6,
-            "sys_us": system / requests * 1e6,  # the kernel's share: socket calls and polling
-        }
+        return ["taskset", "-c", LOAD_CPU, "wrk", "-t1", f"-c{connections}",
+                f"-d{self.seconds}s", "--latency", *header, server.url + "/x"]  # fmt: skip
+
+    def load(self, servers: list[Server], connections: int) -> list[dict[str, float]]:
+        """One wrk per server, all at the same time, sharing `connections` between them."""
+        pids = [server.pids() for server in servers]
+        before = [cpu_seconds(each) for each in pids]
+        each_connections = connections // len(servers)
+        runs = [
+            subprocess.Popen(
+                self.wrk_command(server, each_connections), stdout=subprocess.PIPE, text=True
+            )
+            for server in servers
+        ]
+        outputs = [run.communicate()[0] for run in runs]
+        results = []
+        for server, run, output, first, each in zip(
+            servers, runs, outputs, before, pids, strict=True
+        ):
+            if run.returncode != 0:
+                raise RuntimeError(f"{server.name}: wrk exited with {run.returncode}")
+            after = cpu_seconds(each)
+            user, system = after[0] - first[0], after[1] - first[1]
+            requests = int(re.search(r"(\d+) requests in", output).group(1))  # type: ignore[union-attr]
+            errors = re.search(r"Non-2xx or 3xx responses: (\d+)", output)
+            if errors:
+                raise RuntimeError(f"{server.name}: {errors.group(1)} failed responses")
+            results.append({
+                "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", output).group(1)),  # type: ignore[union-attr]
+                "p50_ms": _latency(output, "50%"),
+                "p99_ms": _latency(output, "99%"),
+                "cpu_us": (user + system) / requests * 1e6,
+                "sys_us": system / requests * 1e6,  # the kernel's share: socket calls and polling
+            })  # fmt: skip
+        return results
 
     def stop(self) -> None:
         for server in reversed(self.servers):
@@ -462,7 +485,27 @@ def main() -> int:
                     f"cpu {result['cpu_us']:.1f} us/req (sys {result['sys_us']:.1f})",
                     flush=True,
                 )
-        extras: dict[str, Any] = {}
+        # Each cost target again, its two cases loaded at the same time on the one core: no
+        # drift between them (sharing the core adds the same switching cost to both).
+        paired: dict[str, list[tuple[float, float]]] = {}
+        for label, (plain, costed) in PAIRS.items():
+            if plain in servers and costed in servers:
+                for round_index in range(args.rounds):
+                    a, b = bench.load([servers[plain], servers[costed]], bench.connections)
+                    paired.setdefault(label, []).append((a["cpu_us"], b["cpu_us"]))
+                    print(
+                        f"paired round {round_index + 1} {label:12} {a['cpu_us']:.1f} -> "
+                        f"{b['cpu_us']:.1f} us/req",
+                        flush=True,
+                    )
+        extras: dict[str, Any] = {"paired": {
+            label: {
+                "rounds": pairs,
+                "cost": statistics.median(b / a - 1 for a, b in pairs),
+                "added_us": statistics.median(b - a for a, b in pairs),
+            }
+            for label, pairs in paired.items()
+        }}  # fmt: skip
         if "HS256 cache" in servers:
             direct = Server("nginx-direct", nginx.url, nginx.process)
             one = [bench.wrk(servers["HS256 cache"], connections=1) for _ in range(args.rounds)]
