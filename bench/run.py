@@ -12,7 +12,8 @@ for the RS256 cases, HS256 otherwise; the floor and passthrough ignore it). Ever
 checked first (valid 200, bad signature 401, expired 401, missing 401), then measured in
 interleaved rounds (every other one backwards, compared cases side by side); ratios are taken
 inside each round and the report quotes medians. Proxy CPU per request comes from /proc
-(utime + stime).
+(utime + stime). The cost targets (PAIRS) are measured once more with both of their cases
+loaded at the same time on CPU 0, one wrk each: the machine's drift cancels (extras.paired).
 """
 
 from __future__ import annotations
