@@ -128,15 +128,14 @@ def main() -> int:
             return 2
     work = Path(tempfile.mkdtemp(prefix="token-proxy-callgrind-"))
     bench = Bench(work, seconds=1, connections=1)
-    token = bench.tokens["HS256"]["valid"]
     results: dict[str, int] = {}
     try:
         upstream = bench.nginx().url
         floor = str(ROOT / "bench" / "floor.py")
 
-        def proxy(port: int, access: bool, auth: bool) -> list[str]:
-            alg = "HS256" if auth else None
-            path = bench.proxy_config(f"proxy-{port}", port, upstream, alg, access=access)
+        def proxy(port: int, access: bool, auth: bool, alg: str = "HS256") -> list[str]:
+            checked = alg if auth else None
+            path = bench.proxy_config(f"proxy-{port}", port, upstream, checked, access=access)
             return ["-m", "proxy", "serve", "--config", str(path)]
 
         no_uvloop = ["-c", "import sys; sys.modules['uvloop'] = None; "
@@ -156,6 +155,9 @@ def main() -> int:
                 port, access=True, auth=True),
             "token-proxy HS256, cache hit, browser headers": lambda port: proxy(
                 port, access=False, auth=True),
+            # a longer token (RS256: 342 signature characters against 43), also a cache hit
+            "token-proxy RS256, cache hit": lambda port: proxy(
+                port, access=False, auth=True, alg="RS256"),
             # bench-only: aiohttp's server replaced by the httptools prototype
             "prototype httptools listener, HS256, cache hit": lambda port: [
                 str(ROOT / "bench" / "httptools_listener.py"),
@@ -172,6 +174,7 @@ def main() -> int:
                 "token-proxy HS256, cache hit",
                 "token-proxy HS256, cache hit, access log",
                 "token-proxy HS256, cache hit, browser headers",
+                "token-proxy RS256, cache hit",
                 "prototype httptools listener, HS256, cache hit",
             )
         }
@@ -184,7 +187,8 @@ def main() -> int:
             port = free_port()
             command = [COMPILED if name in compiled else args.python, *arguments(port)]
 
-            sends_token = "HS256" in name or "token sent" in name
+            sends_token = "HS256" in name or "RS256" in name or "token sent" in name
+            token = bench.tokens["RS256" if "RS256" in name else "HS256"]["valid"]
             extra = BROWSER if "browser headers" in name else ""
             started = time.monotonic()
             name += suffix
