@@ -16,11 +16,12 @@ import base64
 import binascii
 import json
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import unquote_plus
 
-from cachetools import LRUCache
+from cachetools import Cache
 
 from . import jwk
 from .config import TOKEN_SERVICE_APP, App, Config, Source
@@ -57,29 +58,34 @@ class Found:
 
 def extract_token(view: RequestView, sources: tuple[Source, ...]) -> Found | None:
     """The one token of a request, None when it has none; raises multiple_tokens/malformed."""
-    found: list[Found] = []
+    found: Found | None = None
+    more = False  # a second token: multiple_tokens, after every source had its say
     for source in sources:
+        values: Sequence[str]
         if source.kind == "header":
             values = view.headers.getall(source.name, ())
             if source.name == "authorization":
                 if len(values) > 1:
                     raise Rejection(Reason.MULTIPLE_TOKENS, "more than one Authorization header")
-                for value in values:
-                    scheme, _, rest = value.partition(" ")
-                    if scheme.lower() == "bearer":
-                        token = rest.lstrip(" ")
-                        if not token:
-                            raise Rejection(Reason.MALFORMED, "Bearer without a token")
-                        found.append(Found(token, source))
-            else:
-                found.extend(Found(value, source) for value in values)
+                # the scheme is the text before the first space: "Bearer", in any case
+                scheme = values[0][:7].lower() if values else ""
+                if scheme == "bearer " or scheme == "bearer":
+                    token = values[0][7:].lstrip(" ")
+                    if not token:
+                        raise Rejection(Reason.MALFORMED, "Bearer without a token")
+                    more = more or found is not None
+                    found = Found(token, source)
+                continue
         elif source.kind == "query":
-            found.extend(Found(value, source) for value in query_values(view.target, source.name))
+            values = query_values(view.target, source.name)
         else:
-            found.extend(Found(v, source) for v in cookie_values(view.headers, source.name))
-    if len(found) > 1:
+            values = cookie_values(view.headers, source.name)
+        for value in values:
+            more = more or found is not None
+            found = Found(value, source)
+    if more:
         raise Rejection(Reason.MULTIPLE_TOKENS, "the request carries more than one token")
-    return found[0] if found else None
+    return found
 
 
 def query_values(target: str, name: str) -> list[str]:
@@ -258,10 +264,12 @@ class Verifier:
             (header, claim) for header, claim in config.forward.identity_headers
         )
         size = config.token.cache_size if config.token.cache_ttl > 0 else 0
-        # token -> (Verified, deadline). An LRU with the deadline checked here: cachetools'
-        # TLRUCache does the same in six times the time (1.6 us a lookup against 0.3 us).
-        self.cache: LRUCache[str, tuple[Verified, float]] | None = (
-            LRUCache(maxsize=size) if size else None
+        # token -> (Verified, deadline), the deadline checked here. Full, it evicts the oldest
+        # entry, not the least recently used: every entry goes cache_ttl after insertion anyway,
+        # so an evicted hot token costs one early re-verification. A hit is one Python call
+        # where LRUCache.get() makes four (-2k instructions, a fifth of a cache hit's check).
+        self.cache: Cache[str, tuple[Verified, float]] | None = (
+            Cache(maxsize=size) if size else None
         )
 
     def clear_cache(self) -> None:
@@ -273,7 +281,10 @@ class Verifier:
         cache = self.cache
         if cache is None:
             return None
-        entry = cache.get(token)
+        try:  # not cache.get(): two more Python calls, and hits are the common case
+            entry: tuple[Verified, float] | None = cache[token]
+        except KeyError:
+            entry = None
         if entry is not None and entry[1] <= now:
             del cache[token]  # an entry lives cache_ttl at most, and never past exp
             entry = None

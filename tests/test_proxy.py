@@ -939,6 +939,18 @@ async def test_cache_hits_are_counted_and_never_outlive_exp(proxy_for: ProxyFact
     assert (await expired.json())["error"]["reason"] == "expired"
 
 
+async def test_cache_holds_at_most_cache_size_tokens(proxy_for: ProxyFactory) -> None:
+    proxy = await proxy_for({"token": {"cache_size": 2, "cache_ttl": 600}})
+    first, second, third = (proxy.token(jti=f"t{n}") for n in range(3))
+    for token in (first, second, first, third, second, first):
+        assert (await proxy.get("/x", token=token)).status == 200
+    text = proxy.metrics_text()
+    # first, second: misses; first: a hit; third evicts first (the oldest); second: a hit;
+    # first: verified again, a miss
+    assert 'token_proxy_token_cache_requests_total{result="hit"} 2.0' in text
+    assert 'token_proxy_token_cache_requests_total{result="miss"} 4.0' in text
+
+
 async def test_cached_token_within_leeway_after_exp(proxy_for: ProxyFactory) -> None:
     clock = Clock()
     proxy = await proxy_for({"token": {"leeway": 30, "cache_ttl": 600}}, clock=clock)
