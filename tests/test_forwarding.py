@@ -90,6 +90,20 @@ async def test_hop_by_hop_headers_removed_both_ways(proxy_for: ProxyFactory) -> 
     assert "connection" not in sent
 
 
+async def test_upgrade_header_without_connection_upgrade_is_a_plain_request(
+    proxy_for: ProxyFactory,
+) -> None:
+    proxy = await proxy_for({"routes": [{"path": "/*", "auth": "none"}]})
+    raw = await raw_exchange(
+        proxy.url,
+        b"GET /echo HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nSec-WebSocket-Version: 13\r\n"
+        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nConnection: close\r\n\r\n",
+    )
+    status, _, body = parse_head(raw)
+    assert status == 200  # forwarded as HTTP, not relayed as a WebSocket handshake
+    assert "upgrade" not in {name.lower() for name, _ in json.loads(body)["raw_headers"]}
+
+
 async def test_connection_cannot_remove_headers_the_proxy_sets(proxy_for: ProxyFactory) -> None:
     proxy = await proxy_for({})
     seen = await (
