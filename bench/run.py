@@ -49,7 +49,7 @@ COMPILED = str(ROOT / "bench" / ".compiled" / "bin" / "python")  # the mypyc bui
 PROXY_CPU, LOAD_CPU = "0", "1"
 HS_SECRET = "bench-secret-that-is-long-enough-for-hs256!"
 TICK = os.sysconf("SC_CLK_TCK")
-# The cost targets: (the case without, the case with) what is costed.
+# Measured paired as well: (the case without, the case with) what is costed.
 PAIRS = {
     "token check": ("passthrough", "HS256 cache"),
     "access log": ("HS256 cache", "HS256 cache + access log"),
@@ -489,8 +489,8 @@ def main() -> int:
                     f"cpu {result['cpu_us']:.1f} us/req (sys {result['sys_us']:.1f})",
                     flush=True,
                 )
-        # Each cost target again, its two cases loaded at the same time on the one core: no
-        # drift between them (sharing the core adds the same switching cost to both).
+        # Each pair again, its two cases loaded at the same time on the one core: no drift
+        # between them (sharing the core adds the same switching cost to both).
         paired: dict[str, list[tuple[float, float]]] = {}
         for label, (plain, costed) in PAIRS.items():
             if plain in servers and costed in servers:

@@ -68,9 +68,10 @@ def extract_token(view: RequestView, sources: tuple[Source, ...]) -> Found | Non
                 if len(values) > 1:
                     raise Rejection(Reason.MULTIPLE_TOKENS, "more than one Authorization header")
                 # the scheme is the text before the first space: "Bearer", in any case
-                scheme = values[0][:7].lower() if values else ""
+                value = values[0] if values else ""
+                scheme = value[:7].lower()
                 if scheme == "bearer " or scheme == "bearer":
-                    token = values[0][7:].lstrip(" ")
+                    token = value[7:].lstrip(" ")
                     if not token:
                         raise Rejection(Reason.MALFORMED, "Bearer without a token")
                     more = more or found is not None
