@@ -54,7 +54,8 @@ _NOTHING: Final[frozenset[bytes]] = frozenset()
 
 def _listed(connection: bytes) -> frozenset[bytes]:
     """The header names a `Connection` header lists, beyond the usual hop-by-hop ones."""
-    if connection.lower() in _USUAL:  # the common "keep-alive" or "close"
+    # the common "keep-alive" or "close": compared before a lower() copy is made and hashed
+    if connection == b"keep-alive" or connection == b"close" or connection.lower() in _USUAL:
         return _NOTHING
     return frozenset(part.strip().lower() for part in connection.split(b",")) - _USUAL
 
@@ -150,7 +151,8 @@ class HeaderPlan:
             query = remove_query_param(query, drop.name)
         target = path + ("?" + query if query else "")
         lines = [f"{method} {target} HTTP/1.1".encode("utf-8", "surrogateescape")]
-        lines += [b": ".join(header) for header in self.request_headers(raw_headers, facts)]
+        for name, value in self.request_headers(raw_headers, facts):
+            lines.append(name + b": " + value)  # compiled, cheaper than a join per line
         lines.append(b"\r\n")  # the blank line after the last header
         return b"\r\n".join(lines)
 
@@ -166,23 +168,24 @@ class HeaderPlan:
         forwarded_for: list[bytes] = []
         content_length = b""
         listed = _NOTHING
-        for name, value in raw_headers:
-            kind, lower = kinds.get(name) or self.kind(name)
+        for header in raw_headers:
+            kind, lower = kinds.get(header[0]) or self.kind(header[0])
             if kind != _KEEP:
                 if kind == _FORWARDED_FOR:
-                    forwarded_for.append(value)
+                    forwarded_for.append(header[1])
                 elif kind == _LENGTH:
-                    content_length = value
+                    content_length = header[1]
                 elif kind == _CONNECTION:
-                    listed |= _listed(value)
+                    listed = listed | _listed(header[1]) if listed else _listed(header[1])
                 continue
             if lower == drop_header:
                 continue
             if drop_cookie is not None and lower == b"cookie":
-                value = remove_cookie(value, drop_cookie)
-                if not value:
-                    continue
-            out.append((name, value))
+                value = remove_cookie(header[1], drop_cookie)
+                if value:
+                    out.append((header[0], value))
+                continue
+            out.append(header)  # as it came: no new tuple
         if listed:  # names a Connection header lists are hop-by-hop too
             out = [(name, value) for name, value in out if name.lower() not in listed]
         out.append((b"Host", facts.host))
@@ -246,18 +249,18 @@ def _end_to_end(
     listed = _NOTHING
     dated = False
     kinds = _response_kinds
-    for name, value in raw:
-        kind = kinds.get(name)
+    for header in raw:
+        kind = kinds.get(header[0])
         if kind is None:
-            kind = _response_kind(name)
+            kind = _response_kind(header[0])
         if kind == _DROP or (kind == _LENGTH and whole):
             continue
         if kind == _CONNECTION:
-            listed |= _listed(value)
+            listed = listed | _listed(header[1]) if listed else _listed(header[1])
             continue
         if kind == _DATE:
             dated = True
-        kept.append((name, value))
+        kept.append(header)
     if listed:  # names a Connection header lists are hop-by-hop too
         kept = [(name, value) for name, value in kept if name.lower() not in listed]
         dated = dated and b"date" not in listed
@@ -279,7 +282,9 @@ def response_headers(
     return headers
 
 
-_STATUS_LINES: Final[dict[tuple[int, str], bytes]] = {}
+# status -> (reason, status line): the upstream's reason is its text, so it is compared, and
+# the cache keeps one line a status (an int key hashes for free; a fresh reason string not).
+_STATUS_LINES: Final[dict[int, tuple[str, bytes]]] = {}
 
 
 def response_head(
@@ -293,17 +298,19 @@ def response_head(
     old_client: bool,
 ) -> bytes:
     """The status line and headers of a whole response, in the upstream's bytes and order."""
-    status_line = _STATUS_LINES.get((status, reason))
-    if status_line is None:
+    cached = _STATUS_LINES.get(status)
+    if cached is not None and cached[0] == reason:
+        status_line = cached[1]
+    else:
         status_line = b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1"))
-        if len(_STATUS_LINES) < 256:  # the reason is the upstream's text: keep the cache bounded
-            _STATUS_LINES[status, reason] = status_line
+        _STATUS_LINES[status] = (reason, status_line)
     kept, dated = _end_to_end(raw, whole=True)
-    lines = [status_line, *[b": ".join(header) for header in kept]]
+    lines = [status_line]
+    for name, value in kept:
+        lines.append(name + b": " + value)  # compiled, cheaper than a join per line
     if not dated:
         lines.append(b"Date: " + http_date())  # RFC 9110 §6.6.1: a proxy adds it
-    lines.append(b"Content-Length: %d" % length)
-    lines.append(f"{request_id_name}: {rid}".encode())
+    lines.append(f"Content-Length: {length}\r\n{request_id_name}: {rid}".encode())
     if not keep_alive:
         lines.append(b"Connection: close")
     elif old_client:

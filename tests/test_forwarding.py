@@ -719,6 +719,16 @@ def test_whole_response_head_keeps_one_date_and_sets_its_own_length() -> None:
     assert b"Connection: close" in head
 
 
+def test_whole_response_keeps_each_upstream_reason_phrase() -> None:
+    """Status lines are remembered per status: one upstream's reason never replaces
+    another's, and a Connection: keep-alive in any case lists nothing more."""
+    upstream = [(b"Connection", b"Keep-Alive"), (b"X-A", b"1")]
+    for reason in ("OK", "Fine", "OK"):
+        head = response_head(200, reason, upstream, "X-Request-Id", "r1", 0, True, False)
+        assert head.startswith(f"HTTP/1.1 200 {reason}\r\n".encode())
+        assert b"\r\nX-A: 1\r\n" in head and b"Keep-Alive" not in head
+
+
 def test_header_rules_hold_after_the_name_memo_is_full() -> None:
     """The proxy remembers what to do per header name, for at most 1024 names: a client
     sending thousands of distinct names fills it, and every rule still holds after that."""
