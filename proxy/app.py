@@ -239,7 +239,7 @@ class Proxy:
         head = request.head
         rid_name = config.forward.request_id_header
         rid = request_id(head.headers.get(rid_name))
-        peer = request.remote or ""
+        peer = request.peer
         traffic = Traffic()
         decided: Decision | Rejection | None = None
         response: web.StreamResponse | None = None
@@ -264,7 +264,7 @@ class Proxy:
             reason, app = rejection.reason.value, rejection.app
             outcome = CONTRACT[rejection.reason].name
             response = state.errors.response(rejection.reason, rid_name, rid, rejection.retry_after)
-            if request.body_exists and not request.content.is_eof():
+            if request.with_body and not request.content.is_eof():
                 response.force_close()  # never read a rejected body (Expect: 100-continue)
         except UpstreamError as error:
             reason, outcome = error.reason.value, CONTRACT[error.reason].name
@@ -327,7 +327,7 @@ class Proxy:
         client_host_bytes = (
             client_host.encode("utf-8", "surrogateescape") if client_host is not None else None
         )
-        has_body = request.body_exists
+        has_body = request.with_body
         facts = Forwarding(
             client_host_bytes
             if upstream.preserve_host and client_host_bytes
@@ -392,7 +392,7 @@ class Proxy:
                 route = path  # one of the service's fixed paths
         self.log.access(
             rid, request.head.method, path, route, status, outcome, reason, app,
-            request.remote or "", elapsed, traffic.upstream_seconds, traffic.bytes_in,
+            request.peer, elapsed, traffic.upstream_seconds, traffic.bytes_in,
             traffic.bytes_out,
         )  # fmt: skip
 

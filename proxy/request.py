@@ -5,7 +5,8 @@
 
 aiohttp computes most request properties on first read and caches them (`reify`): about 900
 instructions for a first read and half that for each repeat, 7% of a proxied request. The
-request path reads the parser's message (`RawRequestMessage`) instead.
+request path reads the parser's message (`RawRequestMessage`) instead, and the two facts it
+needs besides, set here as plain attributes: the peer's address and whether a body comes.
 Interpreted even in the compiled build: mypyc cannot compile a subclass of aiohttp's class.
 """
 
@@ -18,7 +19,7 @@ from typing import Protocol
 from aiohttp import web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion, RawRequestMessage
-from aiohttp.streams import StreamReader
+from aiohttp.streams import EmptyStreamReader, StreamReader
 from aiohttp.web_protocol import RequestHandler
 from multidict import CIMultiDictProxy
 
@@ -46,10 +47,13 @@ class RequestHead(Protocol):
 
 class ProxyRequest(web.BaseRequest):
     """aiohttp's request with `head`, the message it was made from (aiohttp's own `message`
-    is deprecated)."""
+    is deprecated), `peer` (what `remote` says, "" for none) and `with_body` (`body_exists`)."""
 
-    ATTRS = web.BaseRequest.ATTRS | frozenset(["head"])  # aiohttp's list of known attributes
+    # aiohttp's list of known attributes
+    ATTRS = web.BaseRequest.ATTRS | frozenset(["head", "peer", "with_body"])
     head: RequestHead
+    peer: str
+    with_body: bool
 
 
 def request_factory(
@@ -69,6 +73,11 @@ def request_factory(
     ) -> ProxyRequest:
         request = ProxyRequest(message, payload, protocol, writer, task, loop)
         request.head = message
+        peername = protocol.peername  # cached per connection; `remote`'s reading of it
+        # a tuple of types, not `list | tuple`: interpreted, that union is built on every call
+        peer = peername[0] if isinstance(peername, (list, tuple)) else peername or ""
+        request.peer = str(peer)
+        request.with_body = type(payload) is not EmptyStreamReader
         return request
 
     return make
