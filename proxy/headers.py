@@ -52,12 +52,13 @@ _USUAL: Final = HOP_BY_HOP | {b"close"}  # "Connection: keep-alive" and friends 
 _NOTHING: Final[frozenset[bytes]] = frozenset()
 
 
-def _listed(connection: bytes) -> frozenset[bytes]:
-    """The header names a `Connection` header lists, beyond the usual hop-by-hop ones."""
+def _listed(connection: bytes, listed: frozenset[bytes]) -> frozenset[bytes]:
+    """`listed` and the header names a `Connection` header lists, beyond the usual hop-by-hop
+    ones."""
     # the common "keep-alive" or "close": compared before a lower() copy is made and hashed
     if connection == b"keep-alive" or connection == b"close" or connection.lower() in _USUAL:
-        return _NOTHING
-    return frozenset(part.strip().lower() for part in connection.split(b",")) - _USUAL
+        return listed
+    return listed | (frozenset(part.strip().lower() for part in connection.split(b",")) - _USUAL)
 
 
 class Forwarding:
@@ -176,7 +177,7 @@ class HeaderPlan:
                 elif kind == _LENGTH:
                     content_length = header[1]
                 elif kind == _CONNECTION:
-                    listed = listed | _listed(header[1]) if listed else _listed(header[1])
+                    listed = _listed(header[1], listed)
                 continue
             if lower == drop_header:
                 continue
@@ -256,7 +257,7 @@ def _end_to_end(
         if kind == _DROP or (kind == _LENGTH and whole):
             continue
         if kind == _CONNECTION:
-            listed = listed | _listed(header[1]) if listed else _listed(header[1])
+            listed = _listed(header[1], listed)
             continue
         if kind == _DATE:
             dated = True
