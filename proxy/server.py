@@ -97,4 +97,5 @@ def make_server(proxy: Proxy, config: Config) -> Server:
         max_field_size=limit,
         access_log=None,
         handler_cancellation=True,
+        auto_decompress=False,  # bytes as they came: a decoded body under its old length smuggles
     )
