@@ -19,7 +19,7 @@ import math
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from urllib.parse import urljoin
+from urllib.parse import urljoin, urlsplit
 
 import aiohttp
 
@@ -50,7 +50,7 @@ Fetcher = Callable[[str, float], Awaitable[Fetched]]
 
 
 class HttpFetcher:
-    """GETs a JWKS URL: at most 3 redirects (https, or http on loopback), 1 MB decompressed."""
+    """GETs a JWKS URL: at most 3 redirects, each to https, 1 MB decompressed."""
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
@@ -74,7 +74,9 @@ class HttpFetcher:
                 if response.status in (301, 302, 303, 307, 308):
                     location = response.headers.get("Location", "")
                     url = urljoin(url, location)
-                    if not location or jwks_url_problem(url):
+                    # https only (SPEC §7): the loopback http allowance is for the URL the
+                    # operator wrote, never for a Location a server chose.
+                    if not location or urlsplit(url).scheme != "https" or jwks_url_problem(url):
                         raise FetchError("redirected to a URL that is not https")
                     continue
                 if response.status != 200:

@@ -418,16 +418,34 @@ async def test_failures_back_off_up_to_min_refresh(jwks: JwksServer) -> None:
         await fetcher.close()
 
 
-async def test_redirects(jwks: JwksServer, keys: KeyFiles) -> None:
+async def test_a_redirect_to_http_is_a_failed_fetch_even_from_loopback_http(
+    jwks: JwksServer, keys: KeyFiles
+) -> None:
+    # SPEC §7: redirects are https only. The loopback exception is for the URL an operator
+    # wrote, not for a Location a server chose.
     jwks.document = {"keys": [keys.jwk("rsa")]}
     fetcher = HttpFetcher()
     try:
         base = jwks.url.rsplit("/", 1)[0]
-        assert (await fetcher(base + "/redirect", 2)).body
-        with pytest.raises(FetchError, match="redirects"):
+        assert (await fetcher(base + "/jwks", 2)).body
+        with pytest.raises(FetchError, match="not https"):
+            await fetcher(base + "/redirect", 2)
+        with pytest.raises(FetchError, match="not https"):
             await fetcher(base + "/redirect-loop", 2)
     finally:
         await fetcher.close()
+
+
+async def test_a_jwks_url_redirecting_to_http_gives_no_keys(
+    proxy_for: ProxyFactory, keys: KeyFiles, jwks: JwksServer
+) -> None:
+    jwks.document = {"keys": [keys.jwk("rsa", kid="k")]}
+    base = jwks.url.rsplit("/", 1)[0]
+    proxy = await proxy_for(idp_app(jwks_url=base + "/redirect"))
+    response = await proxy.get("/x", token=sign(keys, "rsa", "RS256", "k"))
+    assert response.status == 503
+    assert (await response.json())["error"]["reason"] == "keys_unavailable"
+    assert proxy.proxy.state.ready(proxy.clock()) == [f"jwks {base}/redirect"]
 
 
 # --- RFC 7515 appendix A examples and an independent JOSE implementation ------------------------
