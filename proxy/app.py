@@ -23,7 +23,7 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .config import Config, Errors, Upstream
+from .config import App, Config, Errors, Upstream
 from .decision import Decision, decide
 from .errors import CONTRACT, Reason, Rejection
 from .forward import Traffic, UpstreamError, UpstreamPool, exchange
@@ -102,8 +102,8 @@ class State:
     sources: tuple[JwksSource, ...]
 
     def ready(self, now: float) -> list[str]:
-        """What is not ready: each JWKS URL without usable keys."""
-        return [f"jwks {s.url}" for s in self.sources if not s.usable(now)]
+        """What is not ready: each JWKS or discovery URL without usable keys."""
+        return [s.label for s in self.sources if not s.usable(now)]
 
 
 class Resources:
@@ -131,12 +131,21 @@ class Resources:
             self.active.verifier.clear_cache()
 
     async def prepare(self, config: Config, fetch: bool = True) -> State:
-        """Compile a config into a State; new JWKS URLs get one fetch first (concurrently)."""
-        sources: dict[str, JwksSource] = {}
+        """Compile a config into a State; new JWKS / discovery URLs get one fetch first."""
+        # Apps share a source when they fetch the same thing the same way: URL, CA bundle and,
+        # for discovery, the issuers the document is checked against.
+        remote: dict[tuple[Any, ...], list[str]] = {}
+        for app in config.apps:
+            spec = _remote(app)
+            if spec is not None:
+                remote.setdefault(spec, []).append(app.id)
+        sources: dict[tuple[Any, ...], JwksSource] = {}
+        by_app: dict[str, JwksSource] = {}
         fresh: list[JwksSource] = []
-        for url in config.jwks_urls:
-            apps = tuple(app.id for app in config.apps if app.jwks_url == url)
-            key = (url, apps, config.token)
+        for spec, app_ids in remote.items():
+            discovery, url, ca_file, issuers = spec
+            apps = tuple(app_ids)
+            key = (*spec, apps, config.token)
             source = self.sources.get(key)
             if source is None:
                 source = JwksSource(
@@ -148,13 +157,17 @@ class Resources:
                     metrics=self.metrics,
                     log=self.log,
                     on_change=self._keys_changed,
+                    discovery=discovery,
+                    issuers=issuers,
+                    ca_file=ca_file,
                 )
                 self.sources[key] = source
                 fresh.append(source)
-            sources[url] = source
+            sources[spec] = source
+            by_app.update(dict.fromkeys(apps, source))
         if fetch and fresh:
             await asyncio.gather(*(source.fetch() for source in fresh))
-        keys = {app.id: AppKeys(app, sources.get(app.jwks_url or "")) for app in config.apps}
+        keys = {app.id: AppKeys(app, by_app.get(app.id)) for app in config.apps}
         implicit = service_app(config)
         if implicit is not None:
             keys[implicit.id] = AppKeys(implicit)
@@ -395,6 +408,15 @@ class Proxy:
             request.peer, elapsed, traffic.upstream_seconds, traffic.bytes_in,
             traffic.bytes_out,
         )  # fmt: skip
+
+
+def _remote(app: App) -> tuple[bool, str, str | None, tuple[str, ...] | None] | None:
+    """What an app fetches its keys from: (discovery?, URL, ca_file, issuers), or None."""
+    if app.discovery_url:
+        return True, app.discovery_url, app.ca_file, app.issuer
+    if app.jwks_url:
+        return False, app.jwks_url, app.ca_file, None
+    return None
 
 
 def _upstream_name(decided: Decision | Rejection | None) -> str:

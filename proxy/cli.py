@@ -218,8 +218,9 @@ async def inspect_token(
     steps: list[tuple[str, bool, str]] = []
     if offline:
         for app in config.apps:
-            if app.jwks_url:
-                steps.append(("offline", True, f"app {app.id}: jwks_url not fetched"))
+            for key in ("jwks_url", "discovery_url"):
+                if getattr(app, key):
+                    steps.append(("offline", True, f"app {app.id}: {key} not fetched"))
     state = await resources.prepare(config, fetch=not offline)
     source = config.token.sources[0]
     headers: CIMultiDict[str] = CIMultiDict(Host="localhost")

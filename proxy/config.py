@@ -143,6 +143,8 @@ class App:
     required_claims: tuple[str, ...]
     claims: tuple[tuple[str, Any], ...]
     max_lifetime: float | None
+    discovery_url: str | None = None  # gives the JWKS URL and, without `issuer`, the issuer
+    ca_file: str | None = None  # extra CA bundle for jwks_url / discovery_url (resolved path)
 
     @property
     def symmetric(self) -> bool:
@@ -574,8 +576,8 @@ class _Builder:
 
     def app(self, data: Any, path: str) -> App | None:
         keys = (
-            "id match algorithms secrets secret_encoding jwks_url jwks_file public_keys issuer "
-            "audience required_claims claims max_lifetime"
+            "id match algorithms secrets secret_encoding jwks_url discovery_url ca_file jwks_file "
+            "public_keys issuer audience required_claims claims max_lifetime"
         ).split()
         section = Section(data, path, self.problems, keys)
         app_id = section.string("id")
@@ -601,12 +603,14 @@ class _Builder:
         secrets = self.secrets(section, hs) if hs and not algs - hs else ()
         keys_found: tuple[jwk.VerifyKey, ...] = ()
         jwks_url = section.optional_string("jwks_url")
+        discovery_url = self.discovery_url(section, jwks_url)
+        ca_file = self.remote_ca_file(section)
         if algs and not hs:
-            keys_found = self.app_keys(section, algs, jwks_url)
+            keys_found = self.app_keys(section, algs, jwks_url, discovery_url)
             if section.raw("secrets"):
                 section.problem("secrets", "only HS* apps verify with secrets")
         elif hs:
-            for key in ("jwks_url", "jwks_file", "public_keys"):
+            for key in ("jwks_url", "discovery_url", "ca_file", "jwks_file", "public_keys"):
                 if section.raw(key):
                     section.problem(key, "HS* apps verify with secrets only")
         issuer = section.field("issuer", _one_or_more, "a string or a list of strings", None)
@@ -633,7 +637,35 @@ class _Builder:
             required_claims=required,
             claims=tuple(claims.items()),
             max_lifetime=max_lifetime,
+            discovery_url=discovery_url,
+            ca_file=ca_file,
         )
+
+    def discovery_url(self, section: Section, jwks_url: str | None) -> str | None:
+        """`discovery_url` (SPEC §11): https (http on loopback), never with `jwks_url`."""
+        url = section.optional_string("discovery_url")
+        if url is None:
+            return None
+        if jwks_url is not None:
+            section.problem(
+                "discovery_url", "cannot be used with jwks_url (the document names the JWKS)"
+            )
+        problem = jwks_url_problem(url, what="discovery_url")
+        if problem:
+            section.problem("discovery_url", problem)
+        return url
+
+    def remote_ca_file(self, section: Section) -> str | None:
+        """`ca_file`: an extra CA bundle for this app's JWKS / discovery fetches."""
+        ca_file = section.optional_string("ca_file")
+        if ca_file is None:
+            return None
+        try:
+            ssl.create_default_context().load_verify_locations(self.path(ca_file))
+        except (OSError, ssl.SSLError):
+            section.problem("ca_file", "is not a readable PEM CA bundle")
+            return None
+        return str(self.path(ca_file))
 
     def match(self, section: Section, app_id: str | None) -> tuple[str | None, str | None]:
         data = section.raw("match")
@@ -672,7 +704,7 @@ class _Builder:
         return tuple(decoded)
 
     def app_keys(
-        self, section: Section, algs: set[str], jwks_url: str | None
+        self, section: Section, algs: set[str], jwks_url: str | None, discovery_url: str | None
     ) -> tuple[jwk.VerifyKey, ...]:
         keys: list[jwk.VerifyKey] = []
         for index, file in enumerate(section.strings("public_keys", ()) or ()):
@@ -691,8 +723,10 @@ class _Builder:
             problem = jwks_url_problem(jwks_url)
             if problem:
                 section.problem("jwks_url", problem)
-        if not keys and jwks_url is None and not section.has("jwks_file"):
-            section.problem("", "an asymmetric app needs public_keys, jwks_file or jwks_url")
+        if not keys and not (jwks_url or discovery_url) and not section.has("jwks_file"):
+            section.problem(
+                "", "an asymmetric app needs public_keys, jwks_file or jwks_url (or discovery_url)"
+            )
         for key in keys:
             if not any(key.fits(alg) for alg in algs):
                 where = key.source if key.source.startswith("public_keys") else "jwks_file"

@@ -1,13 +1,17 @@
-"""The keys each app verifies with, and remote key sets kept fresh (SPEC §4 step 6, §7 JWKS).
+"""The keys each app verifies with, and remote key sets kept fresh (SPEC §4 step 6, §7, §11).
 
     source = JwksSource(url, ("idp",), settings, fetcher=HttpFetcher(), clock=time.time)
     await source.fetch()                         # at start; later run() refreshes in background
     keys = AppKeys(app, source)
     keys.candidates("RS256", kid="k1", now=now)  # the keys to try, [] when the kid is unknown
+    JwksSource(url, apps, settings, discovery=True, issuers=None, ...)  # url: a discovery document
 
 A `JwksSource` keeps the last good keys while fetches fail (up to `jwks_max_stale`), shares one
 in-flight fetch between all waiters, and refetches for an unknown `kid` at most once per
-`jwks_min_refresh`. Keys named inside a token (`jwk`, `jku`, `x5u`, `x5c`) are never used.
+`jwks_min_refresh`. With `discovery=True` its URL names an OpenID Connect / RFC 8414 document
+whose `jwks_uri` is the JWKS and whose `issuer` the app may adopt; the document is fetched again
+on every scheduled refresh (not for an unknown kid), and document and keys change together.
+Keys named inside a token (`jwk`, `jku`, `x5u`, `x5c`) are never used.
 """
 
 from __future__ import annotations
@@ -17,8 +21,10 @@ import contextlib
 import json
 import math
 import re
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from typing import Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -46,31 +52,64 @@ class Fetched:
     max_age: int | None
 
 
-Fetcher = Callable[[str, float], Awaitable[Fetched]]
+class Fetcher(Protocol):
+    """GETs one document: `(url, timeout seconds, extra CA bundle or None)` → `Fetched`."""
+
+    def __call__(
+        self, url: str, seconds: float, ca_file: str | None = None
+    ) -> Awaitable[Fetched]: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Discovered:
+    """What a discovery document gives: the JWKS URL and the issuer."""
+
+    jwks_uri: str
+    issuer: str
 
 
 class HttpFetcher:
-    """GETs a JWKS URL: at most 3 redirects, each to https, 1 MB decompressed."""
+    """GETs a JWKS or discovery URL: at most 3 redirects, each to https, 1 MB decompressed."""
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
+        self._contexts: dict[str, ssl.SSLContext] = {}
 
-    async def __call__(self, url: str, seconds: float) -> Fetched:
+    async def __call__(self, url: str, seconds: float, ca_file: str | None = None) -> Fetched:
         if self._session is None or self._session.closed:
             self._session = aiohttp.ClientSession(headers={"Accept": "application/json"})
         try:
+            context = self._context(ca_file)
             async with asyncio.timeout(seconds):
-                return await self._get(self._session, url)
+                return await self._get(self._session, url, context)
         except TimeoutError:
             raise FetchError("timed out") from None
+        except aiohttp.ClientSSLError as error:
+            raise FetchError(f"TLS error ({type(error).__name__})") from None
         except aiohttp.ClientError as error:
             raise FetchError(f"network error ({type(error).__name__})") from None
         except OSError as error:
             raise FetchError(f"network error ({type(error).__name__})") from None
 
-    async def _get(self, session: aiohttp.ClientSession, url: str) -> Fetched:
+    def _context(self, ca_file: str | None) -> ssl.SSLContext | bool:
+        """Verification always on: the system CAs, plus the app's `ca_file` when it has one."""
+        if ca_file is None:
+            return True
+        context = self._contexts.get(ca_file)
+        if context is None:
+            try:
+                context = ssl.create_default_context()
+                context.load_verify_locations(ca_file)
+            except (OSError, ssl.SSLError):
+                raise FetchError("ca_file cannot be read") from None
+            self._contexts[ca_file] = context
+        return context
+
+    async def _get(
+        self, session: aiohttp.ClientSession, url: str, context: ssl.SSLContext | bool
+    ) -> Fetched:
         for _ in range(MAX_REDIRECTS + 1):
-            async with session.get(url, allow_redirects=False) as response:
+            async with session.get(url, allow_redirects=False, ssl=context) as response:
                 if response.status in (301, 302, 303, 307, 308):
                     location = response.headers.get("Location", "")
                     url = urljoin(url, location)
@@ -96,7 +135,7 @@ class HttpFetcher:
 
 
 class JwksSource:
-    """One JWKS URL: last good keys, background refresh, shared and rate-limited refetches."""
+    """One JWKS (or discovery) URL: last good keys, background refresh, shared refetches."""
 
     def __init__(
         self,
@@ -109,8 +148,16 @@ class JwksSource:
         metrics: Metrics | None = None,
         log: Log | None = None,
         on_change: Callable[[], None] = lambda: None,
+        discovery: bool = False,
+        issuers: tuple[str, ...] | None = None,
+        ca_file: str | None = None,
     ) -> None:
-        self.url = url
+        self.url = url  # as configured: the JWKS, or the discovery document
+        self.discovery = discovery
+        self.issuers = issuers  # the app's `issuer`: the document's must be one of them
+        self.ca_file = ca_file
+        self.document: Discovered | None = None  # the last good one, kept with its keys
+        self.document_due = 0.0  # when the document is fetched again
         self.apps = apps
         self.settings = settings
         self.fetcher = fetcher
@@ -124,6 +171,23 @@ class JwksSource:
         self.failures = 0
         self.last_kid_fetch = -math.inf
         self._inflight: asyncio.Task[bool] | None = None
+
+    @property
+    def label(self) -> str:
+        """How /readyz names this source."""
+        return f"{'discovery' if self.discovery else 'jwks'} {self.url}"
+
+    @property
+    def jwks_uri(self) -> str | None:
+        """The JWKS URL in use: the configured one, or the last good document's."""
+        if not self.discovery:
+            return self.url
+        return self.document.jwks_uri if self.document else None
+
+    @property
+    def issuer(self) -> str | None:
+        """The last good discovery document's issuer (None without one)."""
+        return self.document.issuer if self.document else None
 
     def usable(self, now: float) -> bool:
         """True while the last good keys are younger than `jwks_max_stale`."""
@@ -142,10 +206,14 @@ class JwksSource:
             return max(1, math.ceil(self.settings.jwks_timeout))
         return max(1, math.ceil(self.next_at - now))
 
-    async def fetch(self) -> bool:
-        """Fetch now, or join the fetch in flight; True when the keys are usable after it."""
+    async def fetch(self, document: bool = True) -> bool:
+        """Fetch now, or join the fetch in flight; True when the keys are usable after it.
+
+        `document=False` (an unknown kid) fetches only the JWKS, unless no document is known
+        or it is due anyway.
+        """
         if self._inflight is None:
-            self._inflight = asyncio.ensure_future(self._fetch())
+            self._inflight = asyncio.ensure_future(self._fetch(document))
             self._inflight.add_done_callback(self._fetched)
         return await asyncio.shield(self._inflight)
 
@@ -160,7 +228,7 @@ class JwksSource:
             if now - self.last_kid_fetch < self.settings.jwks_min_refresh:
                 return False
             self.last_kid_fetch = now
-        return await self.fetch()
+        return await self.fetch(document=False)
 
     async def run(self) -> None:
         """Refresh in the background until cancelled."""
@@ -168,25 +236,37 @@ class JwksSource:
             await asyncio.sleep(max(0.0, self.next_at - self.clock()))
             await self.fetch()
 
-    async def _fetch(self) -> bool:
+    async def _fetch(self, refresh_document: bool) -> bool:
+        timeout, ca_file = self.settings.jwks_timeout, self.ca_file
+        document = self.document
+        fetched_document = None
+        url = self.url
         try:
-            fetched = await self.fetcher(self.url, self.settings.jwks_timeout)
+            if self.discovery and (
+                refresh_document or document is None or self.clock() >= self.document_due
+            ):
+                fetched_document = await self.fetcher(url, timeout, ca_file)
+                document = self._discovered(fetched_document.body)
+            if document is not None:
+                url = document.jwks_uri
+            fetched = await self.fetcher(url, timeout, ca_file)
             keys = self._parse(fetched.body)
         except FetchError as error:
-            return self._failed(str(error))
+            return self._failed(str(error), url)
         now = self.clock()
-        ttl = (
-            min(max(fetched.max_age, 60), 86400)
-            if fetched.max_age is not None
-            else self.settings.jwks_cache_ttl
-        )
+        # The shorter of the two documents' max-age, when they give one.
+        ages = [f.max_age for f in (fetched, fetched_document) if f and f.max_age is not None]
+        ttl = min(max(min(ages), 60), 86400) if ages else self.settings.jwks_cache_ttl
         self.next_at = now + ttl
+        if fetched_document is not None:
+            self.document_due = now + ttl
         self.failures = 0
         self.good_at = now
         old = {key.kid for key in self.keys}
         new = {key.kid for key in keys}
-        changed = _fingerprint(self.keys) != _fingerprint(keys)
+        changed = _fingerprint(self.keys) != _fingerprint(keys) or self.document != document
         self.keys = keys
+        self.document = document  # changes with its keys, never alone
         self._count("ok")
         if changed:
             self.on_change()
@@ -194,14 +274,41 @@ class JwksSource:
                 self.log.event(
                     "info",
                     "jwks_fetch",
-                    url=self.url,
+                    url=url,
                     apps=list(self.apps),
                     result="ok",
                     keys=len(keys),
                     added=sorted(str(k) for k in new - old),
                     removed=sorted(str(k) for k in old - new),
+                    **self._document_fields(),
                 )
         return True
+
+    def _document_fields(self) -> dict[str, str | None]:
+        if not self.discovery:
+            return {}
+        return {"discovery_url": self.url, "issuer": self.issuer}
+
+    def _discovered(self, body: bytes) -> Discovered:
+        """The JWKS URL and issuer of a discovery document, checked (SPEC §11)."""
+        try:
+            document = json.loads(body)
+        except (ValueError, RecursionError):
+            raise FetchError("discovery document is not JSON") from None
+        if not isinstance(document, dict):
+            raise FetchError("discovery document is not a JSON object")
+        issuer, jwks_uri = document.get("issuer"), document.get("jwks_uri")
+        if not isinstance(issuer, str) or not issuer:
+            raise FetchError("discovery document has no issuer")
+        if self.issuers is not None and issuer not in self.issuers:
+            # The IdP's own name, not a secret; cut short since the document is foreign.
+            raise FetchError(f"discovery issuer {issuer[:200]!r} is not one of the app's issuers")
+        if not isinstance(jwks_uri, str) or not jwks_uri:
+            raise FetchError("discovery document has no jwks_uri")
+        problem = jwks_url_problem(jwks_uri, what="jwks_uri")
+        if problem:
+            raise FetchError(problem)
+        return Discovered(jwks_uri, issuer)
 
     def _parse(self, body: bytes) -> tuple[jwk.VerifyKey, ...]:
         try:
@@ -219,7 +326,7 @@ class JwksSource:
             raise FetchError("no usable key")
         return tuple(keys)
 
-    def _failed(self, why: str) -> bool:
+    def _failed(self, why: str, url: str) -> bool:
         now = self.clock()
         self.failures += 1
         backoff = min(2.0 ** (self.failures - 1), max(1.0, self.settings.jwks_min_refresh))
@@ -229,11 +336,12 @@ class JwksSource:
             self.log.event(
                 "warning",
                 "jwks_fetch",
-                url=self.url,
+                url=url,
                 apps=list(self.apps),
                 result="error",
                 error=why,
                 stale=self.keys != () and not self.usable(now),
+                **self._document_fields(),
             )
         return self.usable(now)
 
@@ -256,6 +364,17 @@ class AppKeys:
     def __init__(self, app: App, jwks: JwksSource | None = None) -> None:
         self.app = app
         self.jwks = jwks
+
+    def issuers(self) -> tuple[str, ...] | None:
+        """The allowed `iss` values: the app's `issuer`, else its discovery document's.
+
+        None: iss is not checked. A discovery app without `issuer` and no document yet
+        allows none (its file keys may verify, but nothing says which issuer to trust).
+        """
+        if self.app.issuer is not None or not self.app.discovery_url:
+            return self.app.issuer
+        issuer = self.jwks.issuer if self.jwks is not None else None
+        return (issuer,) if issuer else ()
 
     def available(self, now: float) -> bool:
         """False when no key source gives any usable key (→ 503 keys_unavailable)."""

@@ -399,7 +399,10 @@ class Verifier:
             if lifetime > app.max_lifetime:
                 raise fail(Reason.LIFETIME_TOO_LONG, f"lives {lifetime:g}s, over max_lifetime")
         note(trace, "times", True, "exp, nbf, iat and lifetime fine")
-        if app.issuer is not None and claims.get("iss") not in app.issuer:
+        # A discovery app without `issuer` takes its document's, read at check time.
+        keys = self.keys.get(app.id)
+        issuers = keys.issuers() if keys is not None else app.issuer
+        if issuers is not None and claims.get("iss") not in issuers:
             raise fail(Reason.ISSUER, "iss is not an allowed issuer")
         if app.audience is not None:
             aud = claims.get("aud")

@@ -169,6 +169,30 @@ RULES = [
         id="jwks-url-not-https",
     ),
     pytest.param(
+        lambda k: asym(k, discovery_url="https://idp/d", jwks_url="https://idp/jwks"),
+        "apps[0].discovery_url",
+        "cannot be used with jwks_url",
+        id="discovery-with-jwks-url",
+    ),
+    pytest.param(
+        lambda k: asym(k, discovery_url="http://idp.example/.well-known/openid-configuration"),
+        "apps[0].discovery_url",
+        "https",
+        id="discovery-url-not-https",
+    ),
+    pytest.param(
+        lambda k: with_app(discovery_url="https://idp/.well-known/openid-configuration"),
+        "apps[0].discovery_url",
+        "secrets only",
+        id="discovery-on-hs-app",
+    ),
+    pytest.param(
+        lambda k: asym(k, discovery_url="https://idp/d", ca_file="none.pem"),
+        "apps[0].ca_file",
+        "CA bundle",
+        id="app-ca-file-unreadable",
+    ),
+    pytest.param(
         lambda k: asym(k, jwks_file="missing.json"),
         "apps[0].jwks_file",
         "cannot be read",
