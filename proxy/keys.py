@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import math
+import os
 import re
 import ssl
 from collections.abc import Awaitable, Callable
@@ -73,7 +74,7 @@ class HttpFetcher:
 
     def __init__(self) -> None:
         self._session: aiohttp.ClientSession | None = None
-        self._contexts: dict[str, ssl.SSLContext] = {}
+        self._contexts: dict[tuple[str, int, int], ssl.SSLContext] = {}
 
     async def __call__(self, url: str, seconds: float, ca_file: str | None = None) -> Fetched:
         if self._session is None or self._session.closed:
@@ -95,14 +96,20 @@ class HttpFetcher:
         """Verification always on: the system CAs, plus the app's `ca_file` when it has one."""
         if ca_file is None:
             return True
-        context = self._contexts.get(ca_file)
-        if context is None:
-            try:
+        try:
+            # Keyed by the file's state too: a bundle replaced in place counts from its next use.
+            stat = os.stat(ca_file)
+            key = (ca_file, stat.st_mtime_ns, stat.st_size)
+            context = self._contexts.get(key)
+            if context is None:
                 context = ssl.create_default_context()
                 context.load_verify_locations(ca_file)
-            except (OSError, ssl.SSLError):
-                raise FetchError("ca_file cannot be read") from None
-            self._contexts[ca_file] = context
+                stale = [known for known in self._contexts if known[0] == ca_file]
+                for known in stale:
+                    del self._contexts[known]
+                self._contexts[key] = context
+        except (OSError, ssl.SSLError):
+            raise FetchError("ca_file cannot be read") from None
         return context
 
     async def _get(

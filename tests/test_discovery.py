@@ -349,6 +349,25 @@ async def test_https_redirects_at_most_three_and_never_to_http(
         await fetcher.close()
 
 
+async def test_a_ca_file_replaced_in_place_counts_from_its_next_use(
+    keys: KeyFiles, https_idp: Idp, ca: trustme.CA, tmp_path: Path
+) -> None:
+    https_idp.jwks["/jwks"] = {"keys": [keys.jwk("rsa", kid="k1")]}
+    bundle = tmp_path / "rotating-ca.pem"
+    trustme.CA().cert_pem.write_to_path(str(bundle))  # another CA: the IdP is not trusted
+    fetcher = HttpFetcher()
+    try:
+        with pytest.raises(FetchError, match="TLS error"):
+            await fetcher(https_idp.base + "/jwks", 2, str(bundle))
+        bundle.write_bytes(ca.cert_pem.bytes() + b"\n")  # the operator fixes the bundle
+        assert (await fetcher(https_idp.base + "/jwks", 2, str(bundle))).body
+        bundle.unlink()
+        with pytest.raises(FetchError, match="ca_file cannot be read"):
+            await fetcher(https_idp.base + "/jwks", 2, str(bundle))
+    finally:
+        await fetcher.close()
+
+
 async def test_discovery_serves_inspect_online(keys: KeyFiles, idp: Idp, tmp_path: Path) -> None:
     import sys
 
