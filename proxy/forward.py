@@ -67,6 +67,7 @@ class _Connection(asyncio.Protocol):
         self.loop = pool.loop
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.pooled = False  # idle in the pool: any byte now is one no request asked for
         self.error: BaseException | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
@@ -93,11 +94,19 @@ class _Connection(asyncio.Protocol):
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.complete or self.pooled:
+            # After the answer's end or while idle: bytes no request of ours asked for, which
+            # the next request would take for its answer (SPEC §6).
+            self._discard()
+            return
         self.started = True
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as error:
-            self._fail(ConnectionError(f"invalid response ({type(error).__name__})"))
+            if self.complete:  # what followed a whole answer: that answer stands
+                self._discard()
+            else:
+                self._fail(ConnectionError(f"invalid response ({type(error).__name__})"))
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
@@ -123,15 +132,34 @@ class _Connection(asyncio.Protocol):
     def resume_writing(self) -> None:
         self._can_write.set()
 
+    def _discard(self) -> None:
+        """Never reuse this connection: close it and take it out of the pool now (a request
+        could take it from the pool before connection_lost runs)."""
+        self.keep_alive = False
+        if not self.closed:
+            self.closed = True
+            self.pool.forget(self)
+            if self.transport is not None:
+                self.transport.close()
+
     # httptools callbacks
+    def on_message_begin(self) -> None:
+        # llhttp parses on after a whole answer: a second one in the same read, or bytes
+        # beyond the framing. The callbacks below ignore it; the connection is never reused.
+        if self.complete:
+            self._discard()
+
     def on_status(self, status: bytes) -> None:
-        self.reason += status
+        if not self.complete:
+            self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
         if not self.head.done():  # after the head come trailers, which are not forwarded
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
+        if self.complete:
+            return  # a second answer's head: not ours (see on_message_begin)
         status = self.parser.get_status_code()
         if 100 <= status < 200 and status != 101:
             self._interim = True  # 100 Continue and friends: wait for the final response
@@ -148,7 +176,7 @@ class _Connection(asyncio.Protocol):
 
     def on_body(self, body: bytes) -> None:
         if self.complete:
-            return  # a body after a HEAD response: not ours to pass on
+            return  # a body after a HEAD response, or a second answer's: not ours to pass on
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and self.transport is not None:
@@ -305,6 +333,7 @@ class UpstreamPool:
 
     def put(self, connection: _Connection) -> None:
         connection._reset()
+        connection.pooled = True
         self.idle.append(connection)
 
     async def _connect(self) -> _Connection:
@@ -350,6 +379,7 @@ class UpstreamPool:
             for attempt in range(2):
                 reused = bool(self.idle)
                 connection = self.idle.pop() if reused else await self._connect()
+                connection.pooled = False
                 connection.head_only = head_only
                 sender = None
                 retry = False

@@ -1,0 +1,159 @@
+"""The upstream pool (SPEC §6): a pooled connection only ever carries its own request's answer.
+
+    upstream = await scripted_upstream({"/x": ANSWER + STRAY})   # raw bytes, no framework
+    proxy = await proxy_for({"upstream": {"url": upstream.url}, ...})
+    ... assert the next client gets its own answer and the pool dropped the connection ...
+
+The upstream here is a raw asyncio server that answers each request head with the bytes the
+test scripts, so it can misbehave the way real upstreams do: send more than its framing, two
+answers at once, or bytes on an idle keep-alive connection.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+import pytest
+
+from proxy.forward import UpstreamPool
+from tests.conftest import ProxyFactory, RunningProxy
+
+
+def answer(body: bytes, status: str = "200 OK") -> bytes:
+    return b"HTTP/1.1 %s\r\nContent-Length: %d\r\n\r\n%s" % (status.encode(), len(body), body)
+
+
+@dataclass
+class ScriptedUpstream:
+    """Answers `GET <path>` with `script[path]` (bytes, or a callable of the connection number
+    returning them); any other path gets `answer(b"own answer to <path>")`. `later` bytes are
+    written `delay` seconds after the answer, on the then idle connection."""
+
+    url: str = ""
+    script: dict[str, bytes] = field(default_factory=dict)
+    later: dict[str, bytes] = field(default_factory=dict)
+    delay: float = 0.1
+    connections: int = 0
+    requests: list[tuple[int, str]] = field(default_factory=list)  # (connection, path)
+    open: set[int] = field(default_factory=set)
+    sent_later: int = 0
+
+    async def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        number = self.connections
+        self.open.add(number)
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                path = head.split(b" ", 2)[1].decode()
+                self.requests.append((number, path))
+                writer.write(self.script.get(path, answer(f"own answer to {path}".encode())))
+                await writer.drain()
+                if path in self.later:
+                    await asyncio.sleep(self.delay)
+                    writer.write(self.later[path])
+                    await writer.drain()
+                    self.sent_later += 1
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            self.open.discard(number)
+            writer.close()
+
+
+@pytest.fixture
+async def scripted() -> AsyncIterator[ScriptedUpstream]:
+    upstream = ScriptedUpstream()
+    server = await asyncio.start_server(upstream.serve, "127.0.0.1", 0)
+    upstream.url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    yield upstream
+    server.close()
+
+
+async def proxy_to(proxy_for: ProxyFactory, upstream: ScriptedUpstream) -> RunningProxy:
+    return await proxy_for(
+        {"upstream": {"url": upstream.url}, "routes": [{"path": "/*", "auth": "none"}]}
+    )
+
+
+def pool_of(proxy: RunningProxy) -> UpstreamPool:
+    return proxy.proxy.state.upstreams[None][1]
+
+
+async def until(condition: Callable[[], bool], seconds: float = 2.0) -> None:
+    for _ in range(int(seconds / 0.01)):  # bounded
+        if condition():
+            return
+        await asyncio.sleep(0.01)
+
+
+STRAY = answer(b"stray answer", "404 Stray")
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        pytest.param(STRAY, id="a-second-whole-answer"),
+        pytest.param(STRAY[:20], id="the-start-of-a-second-answer"),
+        pytest.param(b"HTTP/1.1 2", id="a-few-bytes-of-a-status-line"),
+        pytest.param(b"garbage", id="garbage"),
+    ],
+)
+async def test_bytes_beyond_an_answers_framing_close_the_connection(
+    proxy_for: ProxyFactory, scripted: ScriptedUpstream, extra: bytes
+) -> None:
+    """Defect: llhttp parsed what followed `Content-Length: 2` as the next answer (two answers
+    in one read: the client got the second's status over the first's body) and the connection
+    went back to the pool, carrying the rest to the next, unrelated request."""
+    scripted.script["/first"] = answer(b"ok") + extra  # one write: one read on loopback
+    proxy = await proxy_to(proxy_for, scripted)
+    first = await proxy.get("/first")
+    assert (first.status, first.reason, await first.read()) == (200, "OK", b"ok")
+    following = await proxy.get("/next")
+    assert (following.status, await following.read()) == (200, b"own answer to /next")
+    # the first connection was closed, never reused: /next went on a new one, now pooled
+    assert scripted.requests == [(1, "/first"), (2, "/next")]
+    await until(lambda: scripted.open == {2})
+    assert scripted.open == {2}
+    assert len(pool_of(proxy).idle) == 1
+
+
+@pytest.mark.parametrize(
+    "stray",
+    [
+        pytest.param(STRAY, id="a-whole-answer"),
+        pytest.param(STRAY[:25], id="half-an-answer"),
+        pytest.param(b"\r\n", id="an-empty-line"),
+    ],
+)
+async def test_bytes_on_an_idle_pooled_connection_close_it(
+    proxy_for: ProxyFactory, scripted: ScriptedUpstream, stray: bytes
+) -> None:
+    """Defect: an answer an upstream sent while its connection sat idle in the pool was handed
+    to the next request that took the connection (the pool is LIFO: always the next one)."""
+    scripted.later["/first"] = stray
+    proxy = await proxy_to(proxy_for, scripted)
+    first = await proxy.get("/first")
+    assert await first.read() == b"own answer to /first"
+    assert len(pool_of(proxy).idle) == 1  # kept alive while it behaved
+    await until(lambda: scripted.sent_later == 1)
+    await until(lambda: not scripted.open, 0.2)  # the stray bytes arrive: the proxy hangs up
+    following = await proxy.get("/next")
+    assert (following.status, await following.read()) == (200, b"own answer to /next")
+    # the idle connection was closed, never reused: /next went on a new one, now pooled
+    assert scripted.requests == [(1, "/first"), (2, "/next")]
+    assert scripted.open == {2}
+    assert len(pool_of(proxy).idle) == 1
+
+
+async def test_well_behaved_connections_are_still_reused(
+    proxy_for: ProxyFactory, scripted: ScriptedUpstream
+) -> None:
+    proxy = await proxy_to(proxy_for, scripted)
+    for n in range(3):
+        response = await proxy.get(f"/n{n}")
+        assert await response.read() == f"own answer to /n{n}".encode()
+    assert scripted.requests == [(1, "/n0"), (1, "/n1"), (1, "/n2")]
+    assert len(pool_of(proxy).idle) == 1
