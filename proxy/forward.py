@@ -284,8 +284,14 @@ class Response:
             return
         self._done = True
         connection = self._connection
-        if self.sender is not None and not self.sender.done():
-            self.sender.cancel()
+        sender = self.sender
+        if sender is not None and (
+            not sender.done() or sender.cancelled() or sender.exception() is not None
+        ):
+            # A body still coming, or cut short: the upstream waits for bytes that never come
+            # and would read the next request as them. Checked here, not only in body_sent:
+            # that done-callback runs a loop turn after the sender fails.
+            sender.cancel()
             connection.close()
         elif connection.complete and connection.keep_alive and not connection.closed:
             self._pool.put(connection)

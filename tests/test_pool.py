@@ -157,3 +157,45 @@ async def test_well_behaved_connections_are_still_reused(
         assert await response.read() == f"own answer to /n{n}".encode()
     assert scripted.requests == [(1, "/n0"), (1, "/n1"), (1, "/n2")]
     assert len(pool_of(proxy).idle) == 1
+
+
+class CutShort:
+    """A request body whose client leaves after its first piece (the listener's reader then
+    raises, as aiohttp's does)."""
+
+    def __init__(self) -> None:
+        self.cut = asyncio.Event()
+        self.pieces = [b"0123456789"]
+
+    async def readany(self) -> bytes:
+        if self.pieces:
+            return self.pieces.pop()
+        await self.cut.wait()
+        raise ConnectionResetError("the client left mid-body")
+
+
+async def test_a_body_cut_short_never_returns_its_connection_to_the_pool(
+    proxy_for: ProxyFactory, scripted: ScriptedUpstream
+) -> None:
+    """Defect: the upstream answered at once (whole, keep-alive) while the body still came; the
+    body then failed, and when the answer was released before the sender's done-callback ran
+    (the next loop turn), the connection went back to the pool with 90 of 100 declared bytes
+    unsent: the upstream would read the next request's head as this one's body."""
+    proxy = await proxy_to(proxy_for, scripted)
+    pool = pool_of(proxy)
+    body = CutShort()
+    head = b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    response = await pool.send(head, body=body)
+    assert response.complete  # the upstream answered before the body was whole
+    body.cut.set()
+    await asyncio.sleep(0)  # the sender fails; its done-callbacks run on the next turn
+    assert response.sender is not None
+    assert response.sender.done()
+    response.release()
+    assert not pool.idle
+    await until(lambda: not scripted.open)
+    assert not scripted.open
+    assert pool.active == 0
+    following = await proxy.get("/next")
+    assert (following.status, await following.read()) == (200, b"own answer to /next")
+    assert [number for number, _ in scripted.requests] == [1, 2]
