@@ -102,7 +102,7 @@ class _Connection(asyncio.Protocol):
         self.started = True
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as error:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as error:
             if self.complete:  # what followed a whole answer: that answer stands
                 self._discard()
             else:
@@ -161,7 +161,12 @@ class _Connection(asyncio.Protocol):
         if self.complete:
             return  # a second answer's head: not ours (see on_message_begin)
         status = self.parser.get_status_code()
-        if 100 <= status < 200 and status != 101:
+        if status == 101:
+            # The pool never asks for an upgrade (WebSockets take their own path): no answer to
+            # a plain request (RFC 9110 §15.2.2), and what follows it is not HTTP.
+            self._fail(ConnectionError("a 101 no request asked for"))
+            return
+        if 100 <= status < 200:
             self._interim = True  # 100 Continue and friends: wait for the final response
             self.headers = []
             self.reason = b""

@@ -199,3 +199,21 @@ async def test_a_body_cut_short_never_returns_its_connection_to_the_pool(
     following = await proxy.get("/next")
     assert (following.status, await following.read()) == (200, b"own answer to /next")
     assert [number for number, _ in scripted.requests] == [1, 2]
+
+
+async def test_an_unasked_101_is_a_bad_gateway_and_closes_the_connection(
+    proxy_for: ProxyFactory, scripted: ScriptedUpstream
+) -> None:
+    """The pool never asks for an upgrade (WebSockets take their own path), so a 101 is no
+    answer to a plain request (RFC 9110 §15.2.2), and what follows it is not HTTP."""
+    scripted.script["/switch"] = (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\nConnection: upgrade\r\n\r\nraw"
+    )
+    proxy = await proxy_to(proxy_for, scripted)
+    switched = await proxy.get("/switch")
+    assert switched.status == 502
+    assert (await switched.json())["error"]["reason"] == "upstream_unavailable"
+    following = await proxy.get("/next")
+    assert (following.status, await following.read()) == (200, b"own answer to /next")
+    assert [number for number, _ in scripted.requests] == [1, 2]
+    assert scripted.open == {2}
