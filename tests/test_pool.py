@@ -217,3 +217,24 @@ async def test_an_unasked_101_is_a_bad_gateway_and_closes_the_connection(
     assert (following.status, await following.read()) == (200, b"own answer to /next")
     assert [number for number, _ in scripted.requests] == [1, 2]
     assert scripted.open == {2}
+
+
+async def test_a_client_gone_mid_answer_closes_the_upstream_connection(
+    proxy_for: ProxyFactory, scripted: ScriptedUpstream
+) -> None:
+    """Checked, no defect: the rest of the answer would still come on that connection, so it
+    is closed (never pooled) and its slot freed. Kept for the listener that will replace
+    aiohttp's."""
+    scripted.script["/partial"] = b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n0123456789"
+    proxy = await proxy_to(proxy_for, scripted)
+    host, port = proxy.url.split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"GET /partial HTTP/1.1\r\nHost: x\r\n\r\n")
+    received = b""
+    while b"0123456789" not in received:
+        received += await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
+    await until(lambda: not scripted.open)
+    assert not scripted.open
+    pool = pool_of(proxy)
+    assert (len(pool.idle), pool.active) == (0, 0)
