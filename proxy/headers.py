@@ -25,6 +25,9 @@ RawHeaders = Iterable[tuple[bytes, bytes]]
 HOP_BY_HOP: Final = frozenset(
     {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
 )
+# Removed from every request: IIS- and Symfony-style servers route by them, so they would name
+# a path the decision never saw (SPEC §6).
+REWRITE_URL: Final = frozenset({b"x-original-url", b"x-rewrite-url"})
 _random_bits: Final = random.getrandbits  # the module's generator, reseeded after a fork
 _REQUEST_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
@@ -114,7 +117,9 @@ class HeaderPlan:
             }
         )
         # Every incoming header the proxy drops outright (proxy-* are checked by prefix).
-        self.skip = managed | HOP_BY_HOP | self.identity
+        self.skip = managed | HOP_BY_HOP | self.identity | REWRITE_URL
+        # ...also when spelled with `_` for `-`.
+        self.underscored = self.identity | REWRITE_URL
         self.kinds: dict[bytes, tuple[int, bytes]] = {}  # name -> (kind, lower-case name)
 
     def kind(self, name: bytes) -> tuple[int, bytes]:
@@ -129,7 +134,7 @@ class HeaderPlan:
             kind = _CONNECTION
         elif lower in self.skip or lower.startswith(b"proxy-"):
             kind = _DROP
-        elif lower.find(b"_") >= 0 and lower.replace(b"_", b"-") in self.identity:
+        elif lower.find(b"_") >= 0 and lower.replace(b"_", b"-") in self.underscored:
             kind = _DROP  # CGI-style servers would read X_Auth_User_Id as X-Auth-User-Id
         else:
             kind = _KEEP
