@@ -53,6 +53,7 @@ _MANAGED = frozenset(
         "x-forwarded-for",
         "x-forwarded-proto",
         "x-forwarded-host",
+        "x-real-ip",
     }
 )
 DEFAULT_IDENTITY = {

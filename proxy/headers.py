@@ -113,13 +113,14 @@ class HeaderPlan:
                 b"x-forwarded-for",
                 b"x-forwarded-proto",
                 b"x-forwarded-host",
+                b"x-real-ip",
                 forward.request_id_header.lower().encode(),
             }
         )
         # Every incoming header the proxy drops outright (proxy-* are checked by prefix).
         self.skip = managed | HOP_BY_HOP | self.identity | REWRITE_URL
         # ...also when spelled with `_` for `-`.
-        self.underscored = self.identity | REWRITE_URL
+        self.underscored = self.identity | REWRITE_URL | {b"x-real-ip"}
         self.kinds: dict[bytes, tuple[int, bytes]] = {}  # name -> (kind, lower-case name)
 
     def kind(self, name: bytes) -> tuple[int, bytes]:
@@ -199,8 +200,10 @@ class HeaderPlan:
             out.append((b"Transfer-Encoding", b"chunked"))
         elif content_length:
             out.append((b"Content-Length", content_length))
-        forwarded_for.append(facts.peer.encode())
+        peer = facts.peer.encode()
+        forwarded_for.append(peer)
         out.append((b"X-Forwarded-For", b", ".join(forwarded_for)))
+        out.append((b"X-Real-IP", peer))  # any incoming one was dropped: it is the client's say
         out.append((b"X-Forwarded-Proto", facts.scheme.encode()))
         if facts.client_host is not None:
             out.append((b"X-Forwarded-Host", facts.client_host))
