@@ -18,6 +18,7 @@ from typing import Final
 import aiohttp
 from aiohttp import WSCloseCode, WSMsgType, web
 from multidict import CIMultiDict
+from yarl import URL
 
 from .config import Upstream
 from .errors import Reason
@@ -25,16 +26,22 @@ from .forward import Traffic, UpstreamError
 from .request import RequestHead
 
 POLICY_VIOLATION: Final = 1008
-# Handshake headers each side makes for itself.
-_HANDSHAKE: Final = frozenset(
+# Handshake headers each side makes for itself, and the framing of a body the handshake
+# upstream never has (a client's Content-Length would make the upstream read frames as body).
+_NOT_FORWARDED: Final = frozenset(
     {
         "sec-websocket-key",
         "sec-websocket-version",
         "sec-websocket-extensions",
         "sec-websocket-protocol",
         "sec-websocket-accept",
+        "content-length",
+        "transfer-encoding",
     }
 )
+# What aiohttp's client adds by itself; SPEC §6: the proxy adds nothing (a client's own ones
+# are forwarded all the same).
+_NOT_ADDED: Final = ("User-Agent", "Accept", "Accept-Encoding")
 
 
 def is_websocket(head: RequestHead) -> bool:
@@ -65,7 +72,7 @@ class WebSocketClients:
                     context.load_verify_locations(upstream.ca_file)
                 connector = aiohttp.TCPConnector(ssl=context if context is not None else False)
             session = aiohttp.ClientSession(
-                connector=connector, skip_auto_headers=("User-Agent",), auto_decompress=False
+                connector=connector, skip_auto_headers=_NOT_ADDED, auto_decompress=False
             )
             self._sessions[upstream] = session
         return session
@@ -76,9 +83,10 @@ class WebSocketClients:
         self._sessions.clear()
 
 
-def upstream_url(upstream: Upstream, target: str) -> str:
+def upstream_url(upstream: Upstream, target: str) -> URL:
+    """The handshake's URL, with `target` as it is (encoded: yarl would decode %41 to A)."""
     scheme = "wss" if upstream.scheme == "https" else "ws"
-    return f"{scheme}://{upstream.host_header}{upstream.base_path}{target}"
+    return URL(f"{scheme}://{upstream.host_header}{upstream.base_path}{target}", encoded=True)
 
 
 async def relay(
@@ -90,11 +98,14 @@ async def relay(
     expires_in: float | None,
     traffic: Traffic,
 ) -> web.WebSocketResponse:
-    """Open the upstream WebSocket, accept the client's, relay until one side closes."""
+    """Open the upstream WebSocket, accept the client's, relay until one side closes.
+
+    `headers` are the plan's (SPEC §6), Host included: aiohttp sends a given Host instead of
+    the URL's, which is how `preserve_host` holds."""
     forwarded: CIMultiDict[str] = CIMultiDict()
     for name, value in headers:
         text = name.decode("latin-1")
-        if text.lower() not in _HANDSHAKE and text.lower() != "host":
+        if text.lower() not in _NOT_FORWARDED:
             forwarded.add(text, value.decode("utf-8", "replace"))
     protocols = [
         p.strip()
