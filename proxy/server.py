@@ -12,8 +12,10 @@ import asyncio
 from typing import Any, cast
 
 from aiohttp import web
-from aiohttp.http_exceptions import InvalidURLError, LineTooLong
-from aiohttp.web_protocol import RequestHandler
+from aiohttp.http import RawRequestMessage
+from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
+from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.web_protocol import RequestHandler, _ErrInfo
 
 from .app import Proxy
 from .config import Config
@@ -32,8 +34,43 @@ _TOO_LARGE = (
 )
 
 
+_MAX_LENGTH = 1 << 63
+
+
+def _bad_length(message: RawRequestMessage) -> bool:
+    """True when a Content-Length is not a plain decimal below 2^63 (SPEC §6). llhttp refuses
+    most such values itself, but reads 2^63 to 2^64-1 as a length (2^64-1 as none at all)
+    that the upstream then reads differently: a desync."""
+    lengths = message.headers.getall("Content-Length", None)
+    if lengths is None:
+        return False
+    return any(
+        not (value.isascii() and value.isdigit()) or int(value) >= _MAX_LENGTH for value in lengths
+    )
+
+
 class _QuietHandler(RequestHandler):
-    """aiohttp's connection handler, minus its error page and log lines that echo requests."""
+    """aiohttp's connection handler, minus its error page and log lines that echo requests,
+    and screening each parsed request head for what aiohttp's parser lets through."""
+
+    _refused = False  # a head was refused: the rest of the connection's bytes are not read
+
+    def data_received(self, data: bytes) -> None:
+        if self._refused:
+            return
+        messages = self._messages
+        before = len(messages)
+        super().data_received(data)
+        for index in range(before, len(messages)):
+            message = messages[index][0]
+            if not isinstance(message, _ErrInfo) and _bad_length(message):
+                # answered like a head the parser refused; nothing after it is a request
+                while len(messages) > index:
+                    messages.pop()
+                error = BadHttpMessage("bad Content-Length")
+                messages.append((_ErrInfo(status=400, exc=error, message=""), EMPTY_PAYLOAD))
+                self._refused = True
+                break
 
     def handle_error(
         self,

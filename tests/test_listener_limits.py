@@ -1,0 +1,126 @@
+"""The main listener's limits (SPEC §5, §6): framing it refuses, slow and greedy clients, the
+headers of its own answers. Black-box: raw bytes on loopback sockets, whatever the listener is.
+
+    tap = await tap_upstream()                    # records every byte that reaches the upstream
+    raw = await raw_exchange(proxy.url, b"GET / HTTP/2.0\\r\\n...")
+    assert parse_head(raw)[0] == 505 and tap.received == b""
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import pytest
+
+from tests.conftest import ProxyFactory, parse_head, raw_exchange
+
+NO_AUTH = {"routes": [{"path": "/*", "auth": "none"}]}
+OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+FIXED_400 = {"code": 400, "name": "BadRequest", "message": "The request could not be parsed."}
+
+
+@dataclass
+class Tap:
+    """An upstream that records every byte it receives and answers each head with `answer`."""
+
+    url: str
+    answer: list[bytes]  # written one after another (with a pause between) per request head
+    received: bytearray = field(default_factory=bytearray)
+    connections: int = 0
+
+
+@pytest.fixture
+async def tap() -> AsyncIterator[Tap]:
+    holder: list[Tap] = []
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        upstream = holder[0]
+        upstream.connections += 1
+        pending = b""
+        try:
+            while data := await reader.read(65536):
+                upstream.received += data
+                pending += data
+                while b"\r\n\r\n" in pending:
+                    _, _, pending = pending.partition(b"\r\n\r\n")
+                    for part in upstream.answer:
+                        writer.write(part)
+                        await writer.drain()
+                        await asyncio.sleep(0.2)
+        except ConnectionError:
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    holder.append(Tap(f"http://127.0.0.1:{port}", [OK]))
+    yield holder[0]
+    server.close()
+
+
+def tapped(tap: Tap, **extra: object) -> dict[str, object]:
+    return {"upstream": {"url": tap.url, "timeout": 3}, **NO_AUTH, **extra}
+
+
+async def exchange_until_closed(url: str, data: bytes, limit: float = 5.0) -> tuple[bytes, float]:
+    """Send `data`, read until the proxy closes; the bytes and how long the proxy took."""
+    started = time.monotonic()
+    raw = await raw_exchange(url, data, read_timeout=limit)
+    return raw, time.monotonic() - started
+
+
+def fixed_400(raw: bytes) -> None:
+    status, headers, body = parse_head(raw)
+    assert status == 400, raw[:200]
+    assert headers["content-type"] == ["application/json"]
+    assert json.loads(body) == {"error": FIXED_400}
+
+
+# --- Defect 2: a Content-Length that is not a plain decimal below 2^63 -----------------------
+
+
+@pytest.mark.parametrize(
+    "lengths",
+    [
+        pytest.param(["18446744073709551615"], id="2^64-1"),
+        pytest.param(["9223372036854775808"], id="2^63"),
+        pytest.param(["+5"], id="plus"),
+        pytest.param(["-5"], id="minus"),
+        pytest.param(["0x10"], id="hex"),
+        pytest.param(["5 5"], id="space-inside"),
+        pytest.param(["5, 5"], id="list"),
+        pytest.param(["5", "6"], id="two-differing"),
+        pytest.param([""], id="empty"),
+    ],
+)
+async def test_bad_content_length_is_400_closed_and_nothing_forwarded(
+    proxy_for: ProxyFactory, tap: Tap, lengths: list[str]
+) -> None:
+    """Defect: `Content-Length: 18446744073709551615` was read as no body and forwarded with
+    that length: the upstream then took the next user's request as this one's body."""
+    proxy = await proxy_for(tapped(tap))
+    head = b"POST /x HTTP/1.1\r\nHost: a\r\n" + b"".join(
+        b"Content-Length: %s\r\n" % value.encode() for value in lengths
+    )
+    next_request = b"GET /next HTTP/1.1\r\nHost: a\r\n\r\n"
+    raw, took = await exchange_until_closed(proxy.url, head + b"\r\nhello" + next_request)
+    fixed_400(raw)
+    assert took < 4, "the proxy must close the connection after its 400"
+    assert raw.count(b"HTTP/1.") == 1, "one answer, and nothing after it"
+    await asyncio.sleep(0.1)
+    assert bytes(tap.received) == b""
+
+
+async def test_plain_content_length_still_forwards(proxy_for: ProxyFactory, tap: Tap) -> None:
+    proxy = await proxy_for(tapped(tap))
+    raw = await raw_exchange(
+        proxy.url,
+        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 05\r\nConnection: close\r\n\r\nhello",
+    )
+    assert raw.startswith(b"HTTP/1.1 200")
+    assert bytes(tap.received).endswith(b"\r\n\r\nhello")
