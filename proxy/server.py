@@ -49,6 +49,17 @@ def _bad_length(message: RawRequestMessage) -> bool:
     )
 
 
+def _in_request_line(exc: BaseException) -> bool:
+    """True when aiohttp's C parser raised `exc` on the request line: the innermost frame is
+    its llhttp URL callback. (Its pure-Python parser, used only with AIOHTTP_NO_EXTENSIONS,
+    raises both from one place: a 431 then, which SPEC §5 allows too.)"""
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    # Cython qualifies the name: "aiohttp._http_parser.cb_on_url"
+    return tb is not None and tb.tb_frame.f_code.co_name.endswith("cb_on_url")
+
+
 class _QuietHandler(RequestHandler):
     """aiohttp's connection handler, minus its error page and log lines that echo requests,
     and screening each parsed request head for what aiohttp's parser lets through."""
@@ -85,7 +96,8 @@ class _QuietHandler(RequestHandler):
         if isinstance(exc, InvalidURLError):  # a target that is not a path: the contract's answer
             response = manager.answer(Reason.BAD_PATH)
         elif status == 400 or isinstance(exc, LineTooLong):
-            too_long = isinstance(exc, LineTooLong)
+            # an over-long request line is a bad request (the 400); an over-long header, 431
+            too_long = isinstance(exc, LineTooLong) and not _in_request_line(exc)
             status, body = (431, _TOO_LARGE) if too_long else (400, _BAD_REQUEST)
             rid_name, rid = manager.request_id()
             manager.proxy.log.event(

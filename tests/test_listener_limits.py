@@ -124,3 +124,47 @@ async def test_plain_content_length_still_forwards(proxy_for: ProxyFactory, tap:
     )
     assert raw.startswith(b"HTTP/1.1 200")
     assert bytes(tap.received).endswith(b"\r\n\r\nhello")
+
+
+# --- Defect 4: an over-long request line --------------------------------------------------------
+
+
+async def test_over_long_target_gets_the_fixed_400_and_no_echo(proxy_for: ProxyFactory) -> None:
+    """Defect: an over-long target got a 431 saying a header was too large (SPEC §5: the fixed
+    400); never aiohttp's text/plain 400, which quotes the request line and so a query token."""
+    proxy = await proxy_for(
+        {"token": {"sources": ["query:access_token"], "max_length": 12000}, **NO_AUTH}
+    )
+    secret = "eyJhbGciOiJIUzI1NiJ9." + "A" * 14000
+    raw, took = await exchange_until_closed(
+        proxy.url, f"GET /x?access_token={secret} HTTP/1.1\r\nHost: a\r\n\r\n".encode()
+    )
+    fixed_400(raw)
+    assert b"eyJhbGciOiJIUzI1NiJ9" not in raw
+    assert "eyJhbGciOiJIUzI1NiJ9" not in proxy.log_text()
+    assert took < 4
+
+
+async def test_request_line_limit_follows_max_length(proxy_for: ProxyFactory) -> None:
+    """A query token over 8190 bytes but within max_length + 1024 reaches the decision."""
+    proxy = await proxy_for({"token": {"sources": ["query:access_token"], "max_length": 12000}})
+    for length, reason in ((9000, "malformed"), (12500, "too_long")):
+        raw = await raw_exchange(
+            proxy.url,
+            f"GET /x?access_token={'a' * length} HTTP/1.1\r\nHost: a\r\n"
+            "Connection: close\r\n\r\n".encode(),
+        )
+        status, _, body = parse_head(raw)
+        assert status == 401, raw[:300]
+        assert json.loads(body)["error"]["reason"] == reason
+
+
+async def test_default_request_line_limit(proxy_for: ProxyFactory, tap: Tap) -> None:
+    proxy = await proxy_for(tapped(tap))
+    # max(8190, 8192 + 1024): a 9000-byte target passes, a 9300-byte one does not
+    ok = await raw_exchange(
+        proxy.url, f"GET /x?q={'a' * 9000} HTTP/1.1\r\nHost: a\r\n\r\n".encode(), 1
+    )
+    assert ok.startswith(b"HTTP/1.1 200")
+    fixed_400(await raw_exchange(proxy.url, f"GET /x?q={'a' * 9300} HTTP/1.1\r\n\r\n".encode()))
+    assert tap.received.count(b"GET /x") == 1
