@@ -147,4 +147,5 @@ def make_server(proxy: Proxy, config: Config) -> Server:
         access_log=None,
         handler_cancellation=True,
         auto_decompress=False,  # bytes as they came: a decoded body under its old length smuggles
+        lingering_time=0,  # a rejected request's body is not drained (SPEC §6): close at once
     )
