@@ -74,6 +74,14 @@ class Listen:
 
 
 @dataclass(frozen=True, slots=True)
+class Limits:
+    """The main listener's client timeouts (SPEC §6), fixed at start."""
+
+    header_timeout: float = 10.0  # a request head must arrive within this
+    idle_timeout: float = 75.0  # an idle keep-alive connection closes after this
+
+
+@dataclass(frozen=True, slots=True)
 class Tls:
     cert_file: str
     key_file: str
@@ -218,6 +226,7 @@ class Config:
     routes: tuple[Route, ...]
     preflight: str
     token_service: TokenService | None
+    limits: Limits = Limits()
 
     @property
     def jwks_urls(self) -> tuple[str, ...]:
@@ -228,6 +237,7 @@ _TOP = (
     "listen tls admin_listen environment shutdown_timeout log case_insensitive_paths upstream "
     "upstreams token forward errors apps routes preflight token_service"
 ).split()
+_TOP += ["limits"]
 
 
 def default_path() -> str:
@@ -313,6 +323,7 @@ class _Builder:
         routes = self.routes(root, bool(ignore_case), apps, upstreams, service)
         preflight = root.choice("preflight", ("pass", "check"), "pass")
         self.cross_checks(root, apps, routes, service)
+        limits = self.limits(root)
         if self.problems:
             return None
         if not (listen and upstream and token and forward and errors and level):
@@ -336,7 +347,15 @@ class _Builder:
             routes=tuple(routes),
             preflight=preflight or "pass",
             token_service=service,
+            limits=limits,
         )
+
+    def limits(self, root: Section) -> Limits:
+        keys = ("header_timeout", "idle_timeout")
+        section = Section(root.raw("limits"), "limits", self.problems, keys)
+        header = section.field("header_timeout", _timeout, "a number", 10.0)
+        idle = section.field("idle_timeout", _timeout, "a number", 75.0)
+        return Limits(float(header or 10.0), float(idle or 75.0))
 
     def tls(self, root: Section) -> Tls | None:
         if root.raw("tls") is None:
@@ -980,6 +999,14 @@ def _plain(value: Any) -> Any:
 
 def _positive(value: Any) -> float:
     number = as_number(value)
+    if number <= 0:
+        raise ValueError("must be a positive number of seconds")
+    return number
+
+
+def _timeout(value: Any) -> float:
+    """A timeout: a positive number of seconds (zero would mean "never" or "at once")."""
+    number = as_number(value, minimum=-float("inf"))
     if number <= 0:
         raise ValueError("must be a positive number of seconds")
     return number

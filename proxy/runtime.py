@@ -268,6 +268,8 @@ class Runtime:
                 notes.append("listen and admin_listen changes need a restart")
             if config.token.max_length != old.token.max_length:
                 notes.append("header size limits are fixed at start")
+            if config.limits != old.limits:
+                notes.append("limits are fixed at start")
             if self.tls is not None and config.tls is not None:
                 try:
                     self.tls.load_cert_chain(config.tls.cert_file, config.tls.key_file)

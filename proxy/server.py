@@ -28,6 +28,14 @@ from .request import request_factory
 _BAD_REQUEST = (
     b'{"error":{"code":400,"name":"BadRequest","message":"The request could not be parsed."}}'
 )
+_TIMEOUT = (
+    b'{"error":{"code":408,"name":"RequestTimeout",'
+    b'"message":"The request did not arrive in time."}}'
+)
+_TIMEOUT_HEAD = (
+    b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+    b"Connection: close\r\n%b: %b\r\n\r\n"
+)
 _TOO_LARGE = (
     b'{"error":{"code":431,"name":"RequestHeaderFieldsTooLarge",'
     b'"message":"A request header is too large."}}'
@@ -49,6 +57,11 @@ def _bad_length(message: RawRequestMessage) -> bool:
     )
 
 
+def _peer(handler: RequestHandler) -> str:
+    peer = handler.peername
+    return str(peer[0] if isinstance(peer, tuple) else peer or "")
+
+
 def _in_request_line(exc: BaseException) -> bool:
     """True when aiohttp's C parser raised `exc` on the request line: the innermost frame is
     its llhttp URL callback. (Its pure-Python parser, used only with AIOHTTP_NO_EXTENSIONS,
@@ -62,16 +75,64 @@ def _in_request_line(exc: BaseException) -> bool:
 
 class _QuietHandler(RequestHandler):
     """aiohttp's connection handler, minus its error page and log lines that echo requests,
-    and screening each parsed request head for what aiohttp's parser lets through."""
+    screening each parsed request head for what aiohttp's parser lets through, and timing
+    the arrival of each head (SPEC §6 slow clients; aiohttp's keep-alive timer is the idle
+    one)."""
 
     _refused = False  # a head was refused: the rest of the connection's bytes are not read
+    # Runs from the connection's start, and from the first byte after an idle keep-alive
+    # period, until a whole head has been parsed.
+    _head_timer: asyncio.TimerHandle | None = None
+    _partial = False  # bytes of a head arrived since the last whole one
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self._time_head()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+        super().connection_lost(exc)
+
+    def _time_head(self) -> None:
+        manager: Server = self._manager  # type: ignore[assignment]  # made by Server.__call__
+        self._head_timer = self._loop.call_later(manager.header_timeout, self._head_late)
+        if self._keepalive_handle is not None:  # the head's own timeout governs from now
+            self._keepalive_handle.cancel()
+            self._keepalive_handle = None
+
+    def _head_late(self) -> None:
+        """No whole head within header_timeout: a fixed 408 when part of one came, then close
+        (nothing at all came: just close, as HAProxy does for a browser's preconnect)."""
+        self._head_timer = None
+        manager: Server | None = self._manager  # type: ignore[assignment]
+        if self._partial and manager is not None and self.transport is not None:
+            rid_name, rid = manager.request_id()
+            manager.proxy.log.event(
+                "warning", "bad_request", status=408, request_id=rid, client=_peer(self)
+            )
+            self.transport.write(_TIMEOUT_HEAD % (len(_TIMEOUT), rid_name.encode(), rid.encode()))
+            self.transport.write(_TIMEOUT)
+        self.force_close()
 
     def data_received(self, data: bytes) -> None:
         if self._refused:
             return
+        waiter = self._waiter  # pending: the handler waits for the next request (idle)
+        if data and self._head_timer is None and waiter is not None and not waiter.done():
+            self._time_head()  # the first byte after an idle period: a head is coming
         messages = self._messages
         before = len(messages)
+        count = self._request_count
         super().data_received(data)
+        if self._request_count != count:  # a whole head arrived
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+            self._partial = False
+        elif data:
+            self._partial = True
         for index in range(before, len(messages)):
             message = messages[index][0]
             if not isinstance(message, _ErrInfo) and _bad_length(message):
@@ -118,11 +179,12 @@ class _QuietHandler(RequestHandler):
 class Server(web.Server):
     """aiohttp's low-level server with `_QuietHandler` connections."""
 
-    def __init__(self, proxy: Proxy, **kwargs: Any) -> None:
+    def __init__(self, proxy: Proxy, header_timeout: float = 10.0, **kwargs: Any) -> None:
         loop = asyncio.get_running_loop()
         handler = cast(Any, proxy.handle)  # takes the ProxyRequest that request_factory makes
         super().__init__(handler, request_factory=request_factory(loop), loop=loop, **kwargs)
         self.proxy = proxy
+        self.header_timeout = header_timeout
 
     def __call__(self) -> RequestHandler:
         return _QuietHandler(self, loop=self._loop, **self._kwargs)
@@ -138,10 +200,13 @@ class Server(web.Server):
 
 
 def make_server(proxy: Proxy, config: Config) -> Server:
-    """The main listener's server: header limits fixed from `max_length` at start."""
+    """The main listener's server: header limits fixed from `max_length`, and the client
+    timeouts from `limits`, at start."""
     limit = max(8190, config.token.max_length + 1024)
     return Server(
         proxy,
+        header_timeout=config.limits.header_timeout,
+        keepalive_timeout=config.limits.idle_timeout,
         max_line_size=limit,
         max_field_size=limit,
         access_log=None,

@@ -412,3 +412,17 @@ def test_listeners_default_when_the_file_names_none(tmp_path: Path) -> None:
     assert (config.listen.host, config.listen.port) == (every, 8080)
     assert config.admin_listen is not None
     assert (config.admin_listen.host, config.admin_listen.port) == (every, 9901)
+
+
+def test_limits_default_and_must_be_positive(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(yaml.safe_dump(BASE))
+    limits = load(str(path), env={}).limits
+    assert (limits.header_timeout, limits.idle_timeout) == (10, 75)
+    for key in ("header_timeout", "idle_timeout"):
+        for value in (0, -1, "soon"):
+            found = problems(tmp_path, {**BASE, "limits": {key: value}})
+            assert len(found) == 1 and f": limits.{key}: must be a" in found[0], found
+    assert problems(tmp_path, {**BASE, "limits": {"header_timout": 1}})  # a typo is no default
+    path.write_text(yaml.safe_dump({**BASE, "limits": {"header_timeout": 2.5, "idle_timeout": 9}}))
+    assert load(str(path), env={}).limits.header_timeout == 2.5

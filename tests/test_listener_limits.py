@@ -226,3 +226,90 @@ async def test_rejected_body_is_not_drained(
     assert written < 64 << 20, f"{written} bytes taken after the 401"
     assert took < 3
     assert bytes(tap.received) == b""
+
+
+# --- Defect 9: slow clients ------------------------------------------------------------------
+
+
+async def closed_after(reader: asyncio.StreamReader, limit: float) -> tuple[bytes, float]:
+    """Read until the proxy closes the connection; what came and after how long."""
+    started = time.monotonic()
+    received = b""
+    with contextlib.suppress(ConnectionError):
+        async with asyncio.timeout(limit):
+            while chunk := await reader.read(65536):
+                received += chunk
+    return received, time.monotonic() - started
+
+
+async def open_to(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = url.split("//", 1)[1].split(":")
+    return await asyncio.open_connection(host, int(port))
+
+
+SLOW = {"limits": {"header_timeout": 0.5, "idle_timeout": 5}, **NO_AUTH}
+
+
+async def test_a_connection_that_sends_nothing_is_closed(proxy_for: ProxyFactory) -> None:
+    """Defect: connections sending nothing stayed open for an hour (aiohttp's keep-alive)."""
+    proxy = await proxy_for(SLOW)
+    reader, writer = await open_to(proxy.url)
+    received, took = await closed_after(reader, 4)
+    assert received == b""  # nothing asked, nothing answered
+    assert 0.4 < took < 2.5
+    writer.close()
+
+
+async def test_a_head_that_trickles_in_is_cut_off(proxy_for: ProxyFactory, tap: Tap) -> None:
+    """Defect: a head sent a byte at a time kept its connection (slowloris)."""
+    proxy = await proxy_for({**SLOW, "upstream": {"url": tap.url}})
+    reader, writer = await open_to(proxy.url)
+    writer.write(b"GET /x?access_token=eyJsecret HTTP/1.1\r\nHost: a\r\n")
+
+    async def trickle() -> None:
+        with contextlib.suppress(ConnectionError):
+            for _ in range(40):  # activity never resets the head's deadline
+                writer.write(b"X-Slow: 1\r\n")
+                await writer.drain()
+                await asyncio.sleep(0.1)
+
+    trickling = asyncio.ensure_future(trickle())
+    received, took = await closed_after(reader, 4)
+    trickling.cancel()
+    assert took < 2.5
+    status, headers, body = parse_head(received)
+    assert status == 408
+    assert json.loads(body)["error"]["code"] == 408
+    assert headers["connection"] == ["close"] and headers["x-request-id"]
+    assert b"eyJsecret" not in received and "eyJsecret" not in proxy.log_text()
+    assert bytes(tap.received) == b""
+    writer.close()
+
+
+async def test_idle_keep_alive_connections_close_after_idle_timeout(
+    proxy_for: ProxyFactory, tap: Tap
+) -> None:
+    proxy = await proxy_for({"limits": {"header_timeout": 0.5, "idle_timeout": 1.5}, **tapped(tap)})
+    reader, writer = await open_to(proxy.url)
+    for _ in range(2):
+        writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+        head = await asyncio.wait_for(reader.readuntil(b"ok"), 5)
+        assert head.startswith(b"HTTP/1.1 200")
+        # idle longer than header_timeout: that one times heads, not the pause between them
+        await asyncio.sleep(0.8)
+    received, took = await closed_after(reader, 5)
+    assert received == b""
+    assert 0.4 < took < 2.5  # 1.5 s idle in all, 0.8 of it slept above
+    writer.close()
+
+
+async def test_a_slow_body_is_not_cut_by_the_head_timeout(proxy_for: ProxyFactory) -> None:
+    proxy = await proxy_for(SLOW)
+    reader, writer = await open_to(proxy.url)
+    writer.write(b"POST /upload HTTP/1.1\r\nHost: a\r\nContent-Length: 10\r\n\r\n")
+    for _ in range(10):
+        await asyncio.sleep(0.15)
+        writer.write(b"x")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    writer.close()
