@@ -429,8 +429,19 @@ def _upstream_name(decided: Decision | Rejection | None) -> str:
 # --- Admin listener ---------------------------------------------------------------------------
 
 
-def admin_app(ready: Callable[[], list[str]], metrics: Callable[[], bytes]) -> web.Application:
+def admin_app(
+    ready: Callable[[], list[str]],
+    metrics: Callable[[], bytes],
+    server_header: Callable[[], str | None] = lambda: "token-proxy",
+) -> web.Application:
     """/healthz, /readyz and /metrics; nothing else, and nothing proxied."""
+
+    async def server(_: web.Request, response: web.StreamResponse) -> None:
+        value = server_header()  # never aiohttp's own, which names its version
+        if value is None:
+            response.headers.popall("Server", None)
+        else:
+            response.headers["Server"] = value
 
     async def healthz(_: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -445,6 +456,7 @@ def admin_app(ready: Callable[[], list[str]], metrics: Callable[[], bytes]) -> w
         return web.Response(body=metrics(), headers={"Content-Type": CONTENT_TYPE_LATEST})
 
     app = web.Application()
+    app.on_response_prepare.append(server)
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics_view)

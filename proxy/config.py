@@ -35,6 +35,7 @@ TOKEN_SERVICE_APP = "token-service"  # noqa: S105 - an app id, not a password
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 _TOKEN_CHARS = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _REALM = re.compile(r"[\x20-\x7e]*")
+_HEADER_VALUE = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,254}[\x21-\x7e])?")
 # Headers the proxy itself manages: identity headers may not take these names.
 _MANAGED = frozenset(
     {
@@ -227,6 +228,7 @@ class Config:
     preflight: str
     token_service: TokenService | None
     limits: Limits = Limits()
+    server_header: str | None = "token-proxy"  # on the proxy's own answers; None: no Server
 
     @property
     def jwks_urls(self) -> tuple[str, ...]:
@@ -237,7 +239,7 @@ _TOP = (
     "listen tls admin_listen environment shutdown_timeout log case_insensitive_paths upstream "
     "upstreams token forward errors apps routes preflight token_service"
 ).split()
-_TOP += ["limits"]
+_TOP += ["limits", "server_header"]
 
 
 def default_path() -> str:
@@ -324,6 +326,9 @@ class _Builder:
         preflight = root.choice("preflight", ("pass", "check"), "pass")
         self.cross_checks(root, apps, routes, service)
         limits = self.limits(root)
+        server_header = root.field(
+            "server_header", _server_header, "a string or null", "token-proxy"
+        )
         if self.problems:
             return None
         if not (listen and upstream and token and forward and errors and level):
@@ -348,6 +353,7 @@ class _Builder:
             preflight=preflight or "pass",
             token_service=service,
             limits=limits,
+            server_header=server_header,
         )
 
     def limits(self, root: Section) -> Limits:
@@ -1002,6 +1008,15 @@ def _positive(value: Any) -> float:
     if number <= 0:
         raise ValueError("must be a positive number of seconds")
     return number
+
+
+def _server_header(value: Any) -> str | None:
+    if value is None:
+        return None
+    text = as_string(value)
+    if not _HEADER_VALUE.fullmatch(text):
+        raise ValueError("must be 1-256 printable ASCII characters (a header value) or null")
+    return text
 
 
 def _timeout(value: Any) -> float:

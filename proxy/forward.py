@@ -28,7 +28,7 @@ from aiohttp.http import HttpVersion
 from .config import Upstream
 from .errors import Reason
 from .headers import response_head, response_headers
-from .request import ProxyRequest
+from .request import ProxyRequest, Relayed
 
 HIGH_WATER: Final = 256 * 1024  # buffered response bytes before the upstream is paused
 LOW_WATER: Final = 64 * 1024
@@ -547,7 +547,7 @@ async def exchange(
             traffic.bytes_out = len(body)
             return Written(answer + body, response.status, keep_alive)
         headers = response_headers(response.headers, rid_name, rid)
-        out = web.StreamResponse(status=response.status, reason=response.reason, headers=headers)
+        out = Relayed(status=response.status, reason=response.reason, headers=headers)
         await out.prepare(request)
         traffic.status = response.status
         if head_only:

@@ -16,7 +16,7 @@ import asyncio
 from collections.abc import Callable
 from typing import Protocol
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.abc import AbstractStreamWriter
 from aiohttp.http import HttpVersion, RawRequestMessage
 from aiohttp.streams import EmptyStreamReader, StreamReader
@@ -45,19 +45,49 @@ class RequestHead(Protocol):
     def upgrade(self) -> bool: ...  # Connection: upgrade, with an Upgrade header
 
 
+class Relayed(web.StreamResponse):
+    """An upstream's answer streamed back: aiohttp adds `Server` and `Content-Type:
+    application/octet-stream` where the upstream sent none; they are taken out again (SPEC
+    §6: the answer carries nothing the proxy invents beyond the request id, `Date` and the
+    framing)."""
+
+    async def _prepare_headers(self) -> None:
+        headers = self.headers
+        had_type, had_server = hdrs.CONTENT_TYPE in headers, hdrs.SERVER in headers
+        await super()._prepare_headers()
+        if not had_type:
+            headers.popall(hdrs.CONTENT_TYPE, None)
+        if not had_server:
+            headers.popall(hdrs.SERVER, None)
+
+
 class ProxyRequest(web.BaseRequest):
     """aiohttp's request with `head`, the message it was made from (aiohttp's own `message`
-    is deprecated), `peer` (what `remote` says, "" for none) and `with_body` (`body_exists`)."""
+    is deprecated), `peer` (what `remote` says, "" for none), `with_body` (`body_exists`)
+    and `server_header` (the config's, for the answers the proxy makes itself)."""
 
     # aiohttp's list of known attributes
-    ATTRS = web.BaseRequest.ATTRS | frozenset(["head", "peer", "with_body"])
+    ATTRS = web.BaseRequest.ATTRS | frozenset(["head", "peer", "with_body", "server_header"])
     head: RequestHead
     peer: str
     with_body: bool
+    server_header: str | None
+
+    async def _prepare_hook(self, response: web.StreamResponse) -> None:
+        # Every answer aiohttp prepares for this request, once its headers are final: the
+        # proxy's own (rejections, parser errors, the token service) say `server_header`,
+        # never aiohttp's `Python/3.x aiohttp/3.x`; an upstream's keeps what it sent.
+        if type(response) is Relayed:
+            return
+        if self.server_header is None:
+            response.headers.popall(hdrs.SERVER, None)
+        else:
+            response.headers[hdrs.SERVER] = self.server_header
 
 
 def request_factory(
     loop: asyncio.AbstractEventLoop,
+    server_header: Callable[[], str | None] = lambda: "token-proxy",
 ) -> Callable[
     [RawRequestMessage, StreamReader, RequestHandler, AbstractStreamWriter, asyncio.Task[None]],
     ProxyRequest,
@@ -78,6 +108,7 @@ def request_factory(
         peer = peername[0] if isinstance(peername, (list, tuple)) else peername or ""
         request.peer = str(peer)
         request.with_body = type(payload) is not EmptyStreamReader
+        request.server_header = server_header()  # read per request: a reload may change it
         return request
 
     return make

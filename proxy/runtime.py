@@ -188,7 +188,12 @@ class Runtime:
         admin_runner = None
         if self.serve_admin and config.admin_listen is not None:
             admin_runner = web.AppRunner(
-                admin_app(self.readiness, self.metrics.render), access_log=None
+                admin_app(
+                    self.readiness,
+                    self.metrics.render,
+                    lambda: proxy.state.config.server_header,
+                ),
+                access_log=None,
             )
             await admin_runner.setup()
             await web.TCPSite(

@@ -9,10 +9,10 @@ the compiled build (mypyc, see pyproject.toml) this module stays interpreted.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, cast
+from typing import Any, Final, cast
 
 from aiohttp import web
-from aiohttp.http import RawRequestMessage
+from aiohttp.http import HttpVersion10, HttpVersion11, RawRequestMessage
 from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 from aiohttp.streams import EMPTY_PAYLOAD
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
@@ -34,7 +34,11 @@ _TIMEOUT = (
 )
 _TIMEOUT_HEAD = (
     b"HTTP/1.1 408 Request Timeout\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
-    b"Connection: close\r\n%b: %b\r\n\r\n"
+    b"Connection: close\r\n%b: %b\r\n%b\r\n"
+)
+_UNSUPPORTED = (
+    b'{"error":{"code":505,"name":"HTTPVersionNotSupported",'
+    b'"message":"The HTTP version is not supported."}}'
 )
 _TOO_LARGE = (
     b'{"error":{"code":431,"name":"RequestHeaderFieldsTooLarge",'
@@ -43,6 +47,18 @@ _TOO_LARGE = (
 
 
 _MAX_LENGTH = 1 << 63
+
+
+_HTTP_1: Final = frozenset({HttpVersion10, HttpVersion11})
+
+
+def _refusal(message: RawRequestMessage) -> int:
+    """The status a parsed head is refused with (0: none): 505 for a version other than 1.0
+    and 1.1 (llhttp reads a version-less line as HTTP/0.9, and takes HTTP/2.0), 400 for a bad
+    Content-Length."""
+    if message.version not in _HTTP_1:
+        return 505
+    return 400 if _bad_length(message) else 0
 
 
 def _bad_length(message: RawRequestMessage) -> bool:
@@ -112,7 +128,10 @@ class _QuietHandler(RequestHandler):
             manager.proxy.log.event(
                 "warning", "bad_request", status=408, request_id=rid, client=_peer(self)
             )
-            self.transport.write(_TIMEOUT_HEAD % (len(_TIMEOUT), rid_name.encode(), rid.encode()))
+            server = manager.proxy.state.config.server_header
+            extra = f"Server: {server}\r\n".encode() if server is not None else b""
+            head = _TIMEOUT_HEAD % (len(_TIMEOUT), rid_name.encode(), rid.encode(), extra)
+            self.transport.write(head)
             self.transport.write(_TIMEOUT)
         self.force_close()
 
@@ -135,12 +154,13 @@ class _QuietHandler(RequestHandler):
             self._partial = True
         for index in range(before, len(messages)):
             message = messages[index][0]
-            if not isinstance(message, _ErrInfo) and _bad_length(message):
+            status = 0 if isinstance(message, _ErrInfo) else _refusal(message)
+            if status:
                 # answered like a head the parser refused; nothing after it is a request
                 while len(messages) > index:
                     messages.pop()
-                error = BadHttpMessage("bad Content-Length")
-                messages.append((_ErrInfo(status=400, exc=error, message=""), EMPTY_PAYLOAD))
+                error = BadHttpMessage("refused head")
+                messages.append((_ErrInfo(status=status, exc=error, message=""), EMPTY_PAYLOAD))
                 self._refused = True
                 break
 
@@ -156,10 +176,14 @@ class _QuietHandler(RequestHandler):
         manager: Server = self._manager  # type: ignore[assignment]  # made by Server.__call__
         if isinstance(exc, InvalidURLError):  # a target that is not a path: the contract's answer
             response = manager.answer(Reason.BAD_PATH)
-        elif status == 400 or isinstance(exc, LineTooLong):
+        elif status in (400, 505) or isinstance(exc, LineTooLong):
+            if status == 505:
+                body = _UNSUPPORTED
             # an over-long request line is a bad request (the 400); an over-long header, 431
-            too_long = isinstance(exc, LineTooLong) and not _in_request_line(exc)
-            status, body = (431, _TOO_LARGE) if too_long else (400, _BAD_REQUEST)
+            elif isinstance(exc, LineTooLong) and not _in_request_line(exc):
+                status, body = 431, _TOO_LARGE
+            else:
+                status, body = 400, _BAD_REQUEST
             rid_name, rid = manager.request_id()
             manager.proxy.log.event(
                 "warning", "bad_request", status=status, request_id=rid, client=request.remote or ""
@@ -182,7 +206,8 @@ class Server(web.Server):
     def __init__(self, proxy: Proxy, header_timeout: float = 10.0, **kwargs: Any) -> None:
         loop = asyncio.get_running_loop()
         handler = cast(Any, proxy.handle)  # takes the ProxyRequest that request_factory makes
-        super().__init__(handler, request_factory=request_factory(loop), loop=loop, **kwargs)
+        factory = request_factory(loop, lambda: proxy.state.config.server_header)
+        super().__init__(handler, request_factory=factory, loop=loop, **kwargs)
         self.proxy = proxy
         self.header_timeout = header_timeout
 

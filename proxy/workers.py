@@ -141,7 +141,10 @@ class Supervisor:
         runner = None
         admin = self.config.admin_listen
         if admin is not None:
-            runner = web.AppRunner(admin_app(self.readiness, self.metrics), access_log=None)
+            runner = web.AppRunner(
+                admin_app(self.readiness, self.metrics, lambda: self.config.server_header),
+                access_log=None,
+            )
             await runner.setup()
             await web.TCPSite(runner, admin.host, admin.port).start()
         for worker in self.workers:

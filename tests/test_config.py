@@ -426,3 +426,14 @@ def test_limits_default_and_must_be_positive(tmp_path: Path) -> None:
     assert problems(tmp_path, {**BASE, "limits": {"header_timout": 1}})  # a typo is no default
     path.write_text(yaml.safe_dump({**BASE, "limits": {"header_timeout": 2.5, "idle_timeout": 9}}))
     assert load(str(path), env={}).limits.header_timeout == 2.5
+
+
+def test_server_header(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    for value, expected in (("token-proxy", "token-proxy"), ("edge 7", "edge 7"), (None, None)):
+        data = {**BASE, "server_header": value} if value != "token-proxy" else BASE
+        path.write_text(yaml.safe_dump(data))
+        assert load(str(path), env={}).server_header == expected
+    for bad in ("a\r\nX-Injected: 1", "", " padded", 7, "x" * 300):
+        found = problems(tmp_path, {**BASE, "server_header": bad})
+        assert len(found) == 1 and ": server_header: must be" in found[0], found

@@ -16,6 +16,7 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from aiohttp.http import SERVER_SOFTWARE
 
 from tests.conftest import (
     OTHER_SECRET,
@@ -332,3 +333,21 @@ async def test_invalid_config_exits_2_with_problems(tmp_path: Path) -> None:
     _, err = await process.communicate()
     assert process.returncode == 2
     assert f"{config}: upstream.url:" in err.decode()
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_admin_answers_carry_server_header(
+    tmp_path: Path, upstream_url: str, served: list[Served], workers: int
+) -> None:
+    """Defect: the admin listener said `Server: Python/3.11 aiohttp/3.14.5`."""
+    proxy = Served(tmp_path, hs_config(upstream_url, server_header="edge-7"), workers=workers)
+    served.append(proxy)
+    await proxy.start()
+    async with aiohttp.ClientSession() as session:
+        for path in ("/healthz", "/readyz", "/metrics", "/nothing-here"):
+            async with session.get(f"http://127.0.0.1:{proxy.admin}{path}") as response:
+                assert response.headers.getall("Server") == ["edge-7"], path
+        async with session.get(f"{proxy.url}/public/x") as response:
+            assert response.status == 200  # the upstream's own Server header, as it came
+            assert response.headers.getall("Server") == [SERVER_SOFTWARE]
+    assert await proxy.stop() == 0

@@ -17,7 +17,8 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from tests.conftest import ProxyFactory, parse_head, raw_exchange
+from tests.conftest import KeyFiles, ProxyFactory, parse_head, raw_exchange
+from tests.test_token_service import service_config
 
 NO_AUTH = {"routes": [{"path": "/*", "auth": "none"}]}
 OK = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -313,3 +314,125 @@ async def test_a_slow_body_is_not_cut_by_the_head_timeout(proxy_for: ProxyFactor
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 200")
     writer.close()
+
+
+# --- Defect 10: the headers of the proxy's own answers; HTTP versions ---------------------------
+
+
+def no_implementation(headers: dict[str, list[str]]) -> None:
+    text = json.dumps(headers).lower()
+    assert "aiohttp" not in text and "python" not in text, headers
+
+
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        pytest.param({}, ["token-proxy"], id="default"),
+        pytest.param({"server_header": "edge-7"}, ["edge-7"], id="configured"),
+        pytest.param({"server_header": None}, None, id="null"),
+    ],
+)
+async def test_own_answers_carry_server_header(
+    proxy_for: ProxyFactory, setting: dict[str, object], expected: list[str] | None
+) -> None:
+    """Defect: the proxy's own answers said `Server: Python/3.11 aiohttp/3.14.5`."""
+    proxy = await proxy_for({**setting, "limits": {"header_timeout": 0.5}})
+    answers = [
+        b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",  # 401 missing
+        b"GET /x%00 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",  # 400 bad_path
+        b"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: " + b"a" * 20000 + b"\r\n\r\n",  # 431
+        b"GET /x HTTP/9\x01\r\n\r\n",  # 400 from the parser
+        b"GET /x HTTP/2.0\r\nHost: a\r\n\r\n",  # 505
+        b"GET /x HTTP/1.1\r\nHost: a\r\n",  # 408 after header_timeout
+    ]
+    statuses = []
+    for data in answers:
+        status, headers, _ = parse_head(await raw_exchange(proxy.url, data, 3))
+        statuses.append(status)
+        assert headers.get("server") == expected, (status, headers)
+        no_implementation(headers)
+    assert statuses == [401, 400, 431, 400, 505, 408]
+
+
+async def test_token_service_answers_carry_server_header(
+    proxy_for: ProxyFactory, keys: KeyFiles
+) -> None:
+    proxy = await proxy_for({**service_config(keys), "server_header": "edge-7"})
+    response = await proxy.get("/.well-known/jwks.json")
+    assert response.status == 200
+    assert response.headers.getall("Server") == ["edge-7"]
+
+
+UPSTREAM_SERVER = b"HTTP/1.1 200 OK\r\nServer: upstream/1\r\nContent-Length: 2\r\n\r\nok"
+STREAMED_BARE = [  # chunked, the end coming later: the answer is streamed, not buffered
+    b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\none\r\n",
+    b"3\r\ntwo\r\n0\r\n\r\n",
+]
+STREAMED_SERVER = [
+    b"HTTP/1.1 200 OK\r\nServer: upstream/1\r\nContent-Type: text/x-one\r\n"
+    b"Transfer-Encoding: chunked\r\n\r\n3\r\none\r\n",
+    b"3\r\ntwo\r\n0\r\n\r\n",
+]
+
+
+@pytest.mark.parametrize(
+    ("answer", "server", "content_type"),
+    [
+        pytest.param([OK], None, None, id="whole-bare"),
+        pytest.param([UPSTREAM_SERVER], ["upstream/1"], None, id="whole-with-server"),
+        pytest.param(STREAMED_BARE, None, None, id="streamed-bare"),
+        pytest.param(STREAMED_SERVER, ["upstream/1"], ["text/x-one"], id="streamed-with-server"),
+    ],
+)
+async def test_upstream_answers_keep_their_own_server_and_type(
+    proxy_for: ProxyFactory,
+    tap: Tap,
+    answer: list[bytes],
+    server: list[str] | None,
+    content_type: list[str] | None,
+) -> None:
+    """Defect: streamed answers gained `Server: Python/… aiohttp/…` and `Content-Type:
+    application/octet-stream` when the upstream sent neither."""
+    tap.answer = answer
+    proxy = await proxy_for(tapped(tap))
+    raw = await raw_exchange(proxy.url, b"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n")
+    status, headers, body = parse_head(raw)
+    assert status == 200
+    assert headers.get("server") == server
+    assert headers.get("content-type") == content_type
+    assert body in (b"ok", b"3\r\none\r\n3\r\ntwo\r\n0\r\n\r\n")
+
+
+@pytest.mark.parametrize(
+    ("line", "status"),
+    [
+        pytest.param(b"GET /x\r\n\r\n", 505, id="HTTP/0.9"),
+        pytest.param(b"GET /x\r\nHost: a\r\n\r\n", 505, id="HTTP/0.9-with-headers"),
+        pytest.param(b"GET /x HTTP/0.9\r\nHost: a\r\n\r\n", 505, id="HTTP/0.9-named"),
+        pytest.param(b"GET /x HTTP/2.0\r\nHost: a\r\n\r\n", 505, id="HTTP/2.0"),
+        pytest.param(b"GET /x HTTP/3.0\r\nHost: a\r\n\r\n", None, id="HTTP/3.0"),
+        pytest.param(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", 400, id="h2-prior-knowledge"),
+    ],
+)
+async def test_other_http_versions_are_never_forwarded(
+    proxy_for: ProxyFactory, tap: Tap, line: bytes, status: int | None
+) -> None:
+    """Defect: HTTP/0.9 and HTTP/2.0 request lines were forwarded as HTTP/1.1."""
+    proxy = await proxy_for(tapped(tap))
+    raw, took = await exchange_until_closed(proxy.url, line)
+    got, headers, body = parse_head(raw)
+    assert got in ((505, 400) if status is None else (status,))
+    if got == 505:
+        assert json.loads(body) == {
+            "error": {
+                "code": 505,
+                "name": "HTTPVersionNotSupported",
+                "message": "The HTTP version is not supported.",
+            }
+        }
+    else:
+        fixed_400(raw)
+    assert headers["x-request-id"]
+    assert took < 4
+    await asyncio.sleep(0.1)
+    assert bytes(tap.received) == b""
