@@ -267,6 +267,7 @@ class Proxy:
                 outcome = SERVICE_OUTCOME
                 response, reason = await self.service(request)
                 response.headers[rid_name] = rid
+                traffic.bytes_out = _body_size(response, head.method)
                 return response
             view = RequestView(head.method, head.path, head.headers, peer, self.scheme)
             decided = await decide(view, config, state.verifier, self.clock())
@@ -277,18 +278,21 @@ class Proxy:
             reason, app = rejection.reason.value, rejection.app
             outcome = CONTRACT[rejection.reason].name
             response = state.errors.response(rejection.reason, rid_name, rid, rejection.retry_after)
+            traffic.bytes_out = _body_size(response, head.method)
             if request.with_body and not request.content.is_eof():
                 response.force_close()  # never read a rejected body (Expect: 100-continue)
         except UpstreamError as error:
             reason, outcome = error.reason.value, CONTRACT[error.reason].name
             traffic.broken = error.detail
             response = state.errors.response(error.reason, rid_name, rid)
+            traffic.bytes_out = _body_size(response, head.method)
         except Exception:
             reason, outcome = Reason.INTERNAL.value, CONTRACT[Reason.INTERNAL].name
             self.log.event(
                 "error", "internal_error", request_id=rid, traceback=traceback.format_exc()
             )
             response = state.errors.response(Reason.INTERNAL, rid_name, rid)
+            traffic.bytes_out = _body_size(response, head.method)
         finally:
             metrics.in_flight(-1)
             if traffic.broken is not None:
@@ -417,6 +421,13 @@ def _remote(app: App) -> tuple[bool, str, str | None, tuple[str, ...] | None] | 
     if app.jwks_url:
         return False, app.jwks_url, app.ca_file, None
     return None
+
+
+def _body_size(response: web.StreamResponse, method: str) -> int:
+    """The body bytes of an answer the proxy made itself (SPEC §7 bytes_out); none for HEAD."""
+    if method == "HEAD" or not isinstance(response, web.Response):
+        return 0
+    return response.content_length or 0
 
 
 def _upstream_name(decided: Decision | Rejection | None) -> str:

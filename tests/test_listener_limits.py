@@ -436,3 +436,24 @@ async def test_other_http_versions_are_never_forwarded(
     assert took < 4
     await asyncio.sleep(0.1)
     assert bytes(tap.received) == b""
+
+
+# --- Defect 14: access lines count the bytes of the proxy's own answers -----------------------
+
+
+async def test_access_lines_count_the_error_body(proxy_for: ProxyFactory, keys: KeyFiles) -> None:
+    """Defect: access lines of rejections said bytes_out 0, whatever the body."""
+    proxy = await proxy_for(service_config(keys))
+    for path, token in (("/x", None), ("/x", "not.a.token"), ("/a/%2e%2e/%2e%2e/b", None)):
+        response = await proxy.get(path, token=token)
+        body = await response.read()
+        assert response.status in (400, 401)
+        rid = response.headers["X-Request-Id"]
+        (line,) = [ln for ln in proxy.log_lines() if ln.get("request_id") == rid]
+        assert line["bytes_out"] == len(body) > 0, line
+    response = await proxy.get("/.well-known/jwks.json")
+    body = await response.read()
+    (line,) = [
+        ln for ln in proxy.log_lines() if ln.get("request_id") == response.headers["X-Request-Id"]
+    ]
+    assert line["bytes_out"] == len(body) > 0
