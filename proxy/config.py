@@ -385,8 +385,8 @@ class _Builder:
         keys = "url connect_timeout timeout max_connections preserve_host ca_file".split()
         section = Section(data, path, self.problems, keys)
         url = section.string("url")
-        connect_timeout = section.number("connect_timeout", 5)
-        timeout = section.number("timeout", 60)
+        connect_timeout = section.field("connect_timeout", _timeout, "a number", 5.0)
+        timeout = section.field("timeout", _timeout, "a number", 60.0)
         max_connections = section.integer("max_connections", 512, minimum=1)
         preserve_host = section.boolean("preserve_host", False)
         ca_file = section.optional_string("ca_file")
@@ -412,8 +412,8 @@ class _Builder:
             socket_path=socket_path,
             base_path=base_path,
             host_header=shown if port == default or socket_path else f"{shown}:{port}",
-            connect_timeout=float(connect_timeout or 0) or 5.0,
-            timeout=float(timeout or 0) or 60.0,
+            connect_timeout=float(connect_timeout or 0),
+            timeout=float(timeout or 0),
             max_connections=int(max_connections or 1),
             preserve_host=bool(preserve_host),
             ca_file=str(self.path(ca_file)) if ca_file else None,
@@ -493,7 +493,7 @@ class _Builder:
             section.number("jwks_cache_ttl", 300, minimum=1),
             section.number("jwks_min_refresh", 30),
             section.number("jwks_max_stale", 86400),
-            section.number("jwks_timeout", 5, minimum=0.001),
+            section.field("jwks_timeout", _timeout, "a number", 5.0),
         )
         if None in values or not sources:
             return None

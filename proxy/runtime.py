@@ -112,6 +112,11 @@ def make_socket(listen: Listen, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def listen_problem(label: str, key: str, listen: Listen, error: OSError) -> str:
+    """The one line `serve` prints when a listener's port cannot be had."""
+    return f"{label}: {key}: cannot listen on {listen} ({error.strerror or error})"
+
+
 class Runtime:
     """One serving process: the main listener, the admin listener, signals."""
 
@@ -176,10 +181,7 @@ class Runtime:
         try:
             sock = make_socket(config.listen, self.reuse_port)
         except OSError as error:
-            print(
-                f"{self.label}: listen: cannot listen on {config.listen} ({error.strerror})",
-                file=sys.stderr,
-            )
+            print(listen_problem(self.label, "listen", config.listen, error), file=sys.stderr)
             await runner.cleanup()
             await resources.close()
             return 2
@@ -196,9 +198,17 @@ class Runtime:
                 access_log=None,
             )
             await admin_runner.setup()
-            await web.TCPSite(
-                admin_runner, config.admin_listen.host, config.admin_listen.port
-            ).start()
+            try:
+                await web.TCPSite(
+                    admin_runner, config.admin_listen.host, config.admin_listen.port
+                ).start()
+            except OSError as error:  # like a busy main port: one line, exit 2
+                print(listen_problem(self.label, "admin_listen", config.admin_listen, error),
+                      file=sys.stderr)  # fmt: skip
+                await admin_runner.cleanup()
+                await runner.cleanup()
+                await resources.close()
+                return 2
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         for signum in (signal.SIGTERM, signal.SIGINT):

@@ -26,7 +26,13 @@ from aiohttp import web
 from .config import Config
 from .errors import ConfigError
 from .metrics import METRICS_DIR_ENV, Metrics, render
-from .runtime import STATUS_ENV, Overrides, ignore_late_signals, load_with_overrides
+from .runtime import (
+    STATUS_ENV,
+    Overrides,
+    ignore_late_signals,
+    listen_problem,
+    load_with_overrides,
+)
 
 MAX_BACKOFF = 30.0
 
@@ -146,7 +152,13 @@ class Supervisor:
                 access_log=None,
             )
             await runner.setup()
-            await web.TCPSite(runner, admin.host, admin.port).start()
+            try:
+                await web.TCPSite(runner, admin.host, admin.port).start()
+            except OSError as error:  # like a busy main port: one line, exit 2
+                print(listen_problem(self.path, "admin_listen", admin, error), file=sys.stderr)
+                await runner.cleanup()
+                shutil.rmtree(self.directory, ignore_errors=True)
+                return 2
         for worker in self.workers:
             await self.start(worker)
         await self.done.wait()

@@ -437,3 +437,36 @@ def test_server_header(tmp_path: Path) -> None:
     for bad in ("a\r\nX-Injected: 1", "", " padded", 7, "x" * 300):
         found = problems(tmp_path, {**BASE, "server_header": bad})
         assert len(found) == 1 and ": server_header: must be" in found[0], found
+
+
+@pytest.mark.parametrize(
+    ("data", "path"),
+    [
+        pytest.param({"upstream": {"url": "http://h", "connect_timeout": 0}},
+                     "upstream.connect_timeout", id="connect_timeout-0"),
+        pytest.param({"upstream": {"url": "http://h", "connect_timeout": -1}},
+                     "upstream.connect_timeout", id="connect_timeout-negative"),
+        pytest.param({"upstream": {"url": "http://h", "timeout": 0}},
+                     "upstream.timeout", id="timeout-0"),
+        pytest.param({"upstreams": {"x": {"url": "http://h", "timeout": 0}}},
+                     "upstreams.x.timeout", id="named-upstream-timeout-0"),
+        pytest.param({"token": {"jwks_timeout": 0}}, "token.jwks_timeout", id="jwks_timeout-0"),
+        pytest.param({"token": {"jwks_timeout": -2}}, "token.jwks_timeout",
+                     id="jwks_timeout-negative"),
+        pytest.param({"limits": {"idle_timeout": 0}}, "limits.idle_timeout", id="idle_timeout-0"),
+    ],
+)  # fmt: skip
+def test_a_zero_timeout_is_refused(tmp_path: Path, data: dict[str, Any], path: str) -> None:
+    """Defect: `connect_timeout: 0` / `timeout: 0` silently became 5 / 60 seconds."""
+    found = problems(tmp_path, {**BASE, **data})
+    assert found == [f"{tmp_path / 'proxy.yaml'}: {path}: must be a positive number of seconds"]
+
+
+def test_zero_leeway_cache_ttl_and_shutdown_timeout_are_fine(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    data = {**BASE, "shutdown_timeout": 0, "token": {"leeway": 0, "cache_ttl": 0}}
+    path.write_text(yaml.safe_dump(data))
+    config = load(str(path), env={})
+    assert (config.shutdown_timeout, config.token.leeway, config.token.cache_ttl) == (0, 0, 0)
+    path.write_text(yaml.safe_dump({**BASE, "upstream": {"url": "http://h", "timeout": 0.5}}))
+    assert load(str(path), env={}).upstream.timeout == 0.5

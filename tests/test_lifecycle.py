@@ -7,6 +7,7 @@ import base64
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -351,3 +352,32 @@ async def test_admin_answers_carry_server_header(
             assert response.status == 200  # the upstream's own Server header, as it came
             assert response.headers.getall("Server") == [SERVER_SOFTWARE]
     assert await proxy.stop() == 0
+
+
+@pytest.mark.parametrize("which", ["listen", "admin_listen"])
+@pytest.mark.parametrize("workers", [1, 2])
+async def test_a_busy_port_is_one_clear_line_and_exit_2(
+    tmp_path: Path, upstream_url: str, which: str, workers: int
+) -> None:
+    """Defect: a busy admin port ended `serve` with a traceback and exit 1."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        listeners = {
+            "listen": f"127.0.0.1:{free_port()}",
+            "admin_listen": f"127.0.0.1:{free_port()}",
+        }
+        listeners[which] = f"127.0.0.1:{port}"
+        config = write_config(tmp_path, {**hs_config(upstream_url), **listeners})
+        process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", "proxy", "serve", "--config", str(config),
+            "--workers", str(workers),
+            stderr=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.DEVNULL,
+        )  # fmt: skip
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    assert process.returncode == 2, err.decode()
+    lines = err.decode().splitlines()
+    assert len(set(lines)) == 1, lines  # the same line from each worker, at most
+    assert f"{which}: cannot listen on 127.0.0.1:{port}" in lines[0]
+    assert "Traceback" not in err.decode()
