@@ -139,8 +139,7 @@ class _QuietHandler(RequestHandler):
         if self._refused:
             return
         waiter = self._waiter  # pending: the handler waits for the next request (idle)
-        if data and self._head_timer is None and waiter is not None and not waiter.done():
-            self._time_head()  # the first byte after an idle period: a head is coming
+        idle = waiter is not None and not waiter.done()
         messages = self._messages
         before = len(messages)
         count = self._request_count
@@ -152,6 +151,8 @@ class _QuietHandler(RequestHandler):
             self._partial = False
         elif data:
             self._partial = True
+            if idle and self._head_timer is None:
+                self._time_head()  # part of a head after an idle pause: its deadline runs
         for index in range(before, len(messages)):
             message = messages[index][0]
             status = 0 if isinstance(message, _ErrInfo) else _refusal(message)

@@ -304,6 +304,22 @@ async def test_idle_keep_alive_connections_close_after_idle_timeout(
     writer.close()
 
 
+async def test_a_head_begun_after_a_keep_alive_pause_is_timed(
+    proxy_for: ProxyFactory, tap: Tap
+) -> None:
+    proxy = await proxy_for({**SLOW, **tapped(tap)})
+    reader, writer = await open_to(proxy.url)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
+    await asyncio.sleep(0.3)
+    writer.write(b"GET /y HTTP/1.1\r\nHost: a\r\n")  # and no more: header_timeout, not idle
+    received, took = await closed_after(reader, 4)
+    assert parse_head(received)[0] == 408
+    assert 0.4 < took < 2.5
+    assert tap.received.count(b"GET ") == 1
+    writer.close()
+
+
 async def test_a_slow_body_is_not_cut_by_the_head_timeout(proxy_for: ProxyFactory) -> None:
     proxy = await proxy_for(SLOW)
     reader, writer = await open_to(proxy.url)
