@@ -46,10 +46,8 @@ _TOO_LARGE = (
 )
 
 
-_MAX_LENGTH = 1 << 63
-
-
 _HTTP_1: Final = frozenset({HttpVersion10, HttpVersion11})
+_MAX_LENGTH: Final = 1 << 63
 
 
 def _refusal(message: RawRequestMessage) -> int:
@@ -68,9 +66,13 @@ def _bad_length(message: RawRequestMessage) -> bool:
     lengths = message.headers.getall("Content-Length", None)
     if lengths is None:
         return False
-    return any(
-        not (value.isascii() and value.isdigit()) or int(value) >= _MAX_LENGTH for value in lengths
-    )
+    for value in lengths:
+        if not (value.isascii() and value.isdigit()):
+            return True
+        digits = value.lstrip("0")  # int() of thousands of digits (leading zeros) would raise
+        if len(digits) > 19 or int(digits or "0") >= _MAX_LENGTH:
+            return True
+    return False
 
 
 def _peer(handler: RequestHandler) -> str:

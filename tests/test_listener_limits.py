@@ -118,11 +118,17 @@ async def test_bad_content_length_is_400_closed_and_nothing_forwarded(
     assert bytes(tap.received) == b""
 
 
-async def test_plain_content_length_still_forwards(proxy_for: ProxyFactory, tap: Tap) -> None:
+@pytest.mark.parametrize(
+    "length", ["5", "05", "0" * 5000 + "5"], ids=["plain", "leading-zero", "5000-leading-zeros"]
+)
+async def test_plain_content_length_still_forwards(
+    proxy_for: ProxyFactory, tap: Tap, length: str
+) -> None:
     proxy = await proxy_for(tapped(tap))
     raw = await raw_exchange(
         proxy.url,
-        b"POST /x HTTP/1.1\r\nHost: a\r\nContent-Length: 05\r\nConnection: close\r\n\r\nhello",
+        b"POST /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n"
+        + f"Content-Length: {length}\r\n\r\nhello".encode(),
     )
     assert raw.startswith(b"HTTP/1.1 200")
     assert bytes(tap.received).endswith(b"\r\n\r\nhello")
