@@ -76,7 +76,12 @@ class ErrorBodies:
         return self._rendered[reason]
 
     def response(
-        self, reason: Reason, rid_name: str, rid: str, retry_after: int | None = None
+        self,
+        reason: Reason,
+        rid_name: str,
+        rid: str,
+        retry_after: int | None = None,
+        allow: str | None = None,
     ) -> web.Response:
         status, body, challenge = self._rendered[reason]
         headers = {rid_name: rid}
@@ -84,6 +89,8 @@ class ErrorBodies:
             headers["WWW-Authenticate"] = challenge
         if retry_after is not None:
             headers["Retry-After"] = str(retry_after)
+        if allow is not None:
+            headers["Allow"] = allow
         return web.Response(
             status=status, body=body, headers=headers, content_type="application/json"
         )
@@ -277,7 +284,9 @@ class Proxy:
             decided = rejection
             reason, app = rejection.reason.value, rejection.app
             outcome = CONTRACT[rejection.reason].name
-            response = state.errors.response(rejection.reason, rid_name, rid, rejection.retry_after)
+            response = state.errors.response(
+                rejection.reason, rid_name, rid, rejection.retry_after, rejection.allow
+            )
             traffic.bytes_out = _body_size(response, head.method)
             if request.with_body and not request.content.is_eof():
                 response.force_close()  # never read a rejected body (Expect: 100-continue)

@@ -43,14 +43,39 @@ class Decision:
 def match_route(
     routes: tuple[Route, ...], method: str, path: str
 ) -> tuple[Route | None, dict[str, str]]:
-    """Step 2: the first route whose methods and pattern match."""
-    for route in routes:
-        if route.methods is not None and method not in route.methods:
-            continue
+    """Step 2: the first route whose pattern matches, if it takes the method; else the first
+    later route with the same pattern that does; else 405 method_not_allowed."""
+    for index, route in enumerate(routes):
         params = route.pattern.match(path)
-        if params is not None:
+        if params is None:
+            continue
+        if route.methods is None or method in route.methods:
             return route, params
+        # Never a later, broader pattern: that would open the path to a weaker route.
+        return _same_pattern(routes, index, method, path)
     return None, {}
+
+
+def _same_pattern(
+    routes: tuple[Route, ...], index: int, method: str, path: str
+) -> tuple[Route, dict[str, str]]:
+    first = routes[index]
+    shape = first.pattern.shape
+    allowed = set(first.methods or ())
+    for route in routes[index + 1 :]:
+        if route.pattern.shape != shape:
+            continue
+        if route.methods is None or method in route.methods:
+            params = route.pattern.match(path)  # the same path, under this route's names
+            return route, params if params is not None else {}
+        allowed |= route.methods
+    rejection = Rejection(
+        Reason.METHOD_NOT_ALLOWED,
+        f"{method} is not among the methods of {first.pattern.pattern}",
+        allow=", ".join(sorted(allowed)),
+    )
+    rejection.route = first.pattern.pattern
+    raise rejection
 
 
 def is_preflight(view: RequestView) -> bool:
@@ -67,9 +92,15 @@ async def decide(
 ) -> Decision:
     """Steps 1-8: a Decision to forward, or a Rejection."""
     target = split_target(view.target, view.headers.get("Host"))
-    route, params = match_route(config.routes, view.method, target.match)
     if trace is not None:  # (guarded: the details are strings built for `inspect` only)
         trace.append(("path", True, f"normalised to {target.path}"))
+    try:
+        route, params = match_route(config.routes, view.method, target.match)
+    except Rejection as rejection:
+        note(trace, "route", False, f"{rejection.route} takes only {rejection.allow}")
+        rejection.path = target.path
+        raise
+    if trace is not None:
         trace.append(("route", True, route.pattern.pattern if route else "none: token required"))
     if route is not None and route.auth == "none":
         return Decision(target, route)

@@ -42,6 +42,7 @@ class Reason(StrEnum):
     BINDING_MISMATCH = "binding_mismatch"
     MULTIPLE_TOKENS = "multiple_tokens"
     BAD_PATH = "bad_path"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
     KEYS_UNAVAILABLE = "keys_unavailable"
     UPSTREAM_UNAVAILABLE = "upstream_unavailable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
@@ -100,6 +101,9 @@ CONTRACT: Final[dict[Reason, Outcome]] = {
         400, 38, "TokenInvalid", "The request carries more than one token.", "invalid_request"
     ),
     Reason.BAD_PATH: Outcome(400, 400, "BadRequest", "The request path is not acceptable.", None),
+    Reason.METHOD_NOT_ALLOWED: Outcome(
+        405, 405, "MethodNotAllowed", "The method is not allowed for this path.", None
+    ),
     Reason.KEYS_UNAVAILABLE: Outcome(
         503, 503, "KeysUnavailable", "The signing keys are not available yet.", None
     ),
@@ -125,12 +129,14 @@ class Rejection(Exception):
         *,
         app: str = "",
         retry_after: int | None = None,
+        allow: str | None = None,
     ) -> None:
         super().__init__(reason.value)
         self.reason = reason
         self.detail = detail or reason.value
         self.app = app
         self.retry_after = retry_after
+        self.allow = allow  # method_not_allowed: the Allow header's value ("GET, POST")
         self.path: str | None = None  # the normalised path, once known (for the access log)
         self.route = ""  # the matched route's pattern, once known
 

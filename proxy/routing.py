@@ -137,6 +137,9 @@ class PathPattern:
     # fraction of its cost: this runs for every route tried on every request.
     literal: str | None = None
     prefix: str | None = None
+    # What the pattern matches, whatever its parameters are called ("/docs/{}/*"): routes
+    # with the same shape are the ones a method may choose between (SPEC §4 step 2).
+    shape: str = ""
 
     @classmethod
     def compile(cls, pattern: str, ignore_case: bool = False) -> PathPattern:
@@ -148,6 +151,7 @@ class PathPattern:
         segments = pattern[1:].split("/")
         parts: list[str] = []
         texts: list[str] = []  # the literal segments unescaped
+        shape: list[str] = []
         params: list[str] = []
         wildcard = False
         for index, segment in enumerate(segments):
@@ -156,11 +160,13 @@ class PathPattern:
                 if not last:
                     raise ValueError("* is allowed as the last segment only")
                 wildcard = True
+                shape.append("/*")
             elif param := _PARAM.fullmatch(segment):
                 if param.group(1) in params:
                     raise ValueError(f"path parameter {{{param.group(1)}}} appears twice")
                 params.append(param.group(1))
                 parts.append(f"/(?P<{param.group(1)}>[^/]+)")
+                shape.append("/{}")
             elif any(c in segment for c in "{}*"):
                 raise ValueError("{name} and * must be whole segments")
             elif segment in (".", ".."):
@@ -174,11 +180,13 @@ class PathPattern:
                     raise ValueError("a route pattern holds an invalid % escape") from None
                 parts.append(re.escape(text))
                 texts.append(text)
+                shape.append(text.lower() if ignore_case else text)
         body = "".join(parts) + ("(?:/.*)?" if wildcard else "")
         flags = re.DOTALL | (re.IGNORECASE if ignore_case else 0)
         literal = None if params or ignore_case else "".join(texts)
         prefix = literal + "/" if literal is not None and wildcard else None
-        return cls(pattern, frozenset(params), re.compile(body, flags), literal, prefix)
+        compiled = re.compile(body, flags)
+        return cls(pattern, frozenset(params), compiled, literal, prefix, "".join(shape))
 
     def match(self, path: str) -> dict[str, str] | None:
         """The path parameters when `path` (a `Target.match`) matches, else None."""

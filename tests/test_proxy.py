@@ -699,13 +699,71 @@ async def test_route_without_match_requires_a_token(proxy_for: ProxyFactory) -> 
     assert (await proxy.get("/elsewhere", token=proxy.token())).status == 200
 
 
-async def test_methods_fall_through_to_later_routes(proxy_for: ProxyFactory) -> None:
+async def test_methods_try_only_routes_with_the_same_pattern(proxy_for: ProxyFactory) -> None:
     proxy = await proxy_for(
-        {"routes": [{"path": "/docs/*", "methods": ["GET"], "auth": "none"}, {"path": "/*"}]}
+        {
+            "routes": [
+                {"path": "/docs/*", "methods": ["GET"], "auth": "none"},
+                {"path": "/docs/*", "methods": ["POST"]},
+                {"path": "/*", "auth": "none"},
+            ]
+        }
     )
     assert (await proxy.get("/docs/a")).status == 200
     post = await proxy.request("POST", "/docs/a")
-    assert post.status == 401
+    assert post.status == 401  # the POST rule of the same pattern: a token is required
+    delete = await proxy.request("DELETE", "/docs/a")
+    assert delete.status == 405  # never the later, broader /*
+    assert delete.headers["Allow"] == "GET, POST"
+
+
+# SPEC §3's example routes (and issue 17's /admin/* route): user 42 must not reach another
+# user's threads, nor /admin, by choosing a method the stricter route does not list.
+SPEC_ROUTES = {
+    "apps": [
+        {"id": "TR21063826", "match": {}, "algorithms": ["HS256"], "secrets": [SECRET_B64]},
+        {"id": "admin-app", "match": {}, "algorithms": ["HS256"], "secrets": [OTHER_B64]},
+    ],
+    "routes": [
+        {"path": "/healthz", "auth": "none"},
+        {
+            "path": "/v1/users/{userId}/threads/*",
+            "methods": ["GET", "POST"],
+            "apps": ["TR21063826"],
+            "scopes": ["threads:write"],
+            "required_claims": ["userId"],
+            "bind": {"userId": "path.userId"},
+        },
+        {"path": "/admin/*", "methods": ["GET", "POST"], "apps": ["admin-app"]},
+        {"path": "/*", "auth": "required"},
+    ],
+}
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])
+@pytest.mark.parametrize("path", ["/v1/users/43/threads/1", "/admin/users/1"])
+async def test_an_unlisted_method_is_405_not_the_catch_all(
+    proxy_for: ProxyFactory, upstream: Any, method: str, path: str
+) -> None:
+    proxy = await proxy_for(SPEC_ROUTES)
+    token = mint(appId="TR21063826", userId="42", scope="threads:write")
+    response = await proxy.request(method, path, token=token)
+    assert response.status == 405
+    assert response.headers["Allow"] == "GET, POST"
+    assert "WWW-Authenticate" not in response.headers
+    assert await response.json() == {
+        "error": {
+            "code": 405,
+            "name": "MethodNotAllowed",
+            "message": "The method is not allowed for this path.",
+            "reason": "method_not_allowed",
+        }
+    }
+    assert upstream.seen == []
+    assert 'outcome="MethodNotAllowed",reason="method_not_allowed"' in proxy.metrics_text()
+    line = proxy.log_lines()[-1]
+    pattern = "/admin/*" if path.startswith("/admin") else "/v1/users/{userId}/threads/*"
+    assert (line["status"], line["route"]) == (405, pattern)
 
 
 @pytest.mark.parametrize(("preflight", "status"), [("pass", 200), ("check", 401)])

@@ -123,3 +123,16 @@ def test_case_insensitive_patterns_keep_parameter_case() -> None:
 def test_bad_patterns(pattern: str) -> None:
     with pytest.raises(ValueError, match=r".+"):
         PathPattern.compile(pattern)
+
+
+def test_shape_ignores_parameter_names_and_equivalent_escapes() -> None:
+    # Routes of one shape are the ones a request's method chooses between (SPEC §4 step 2).
+    def shape(text: str, ignore_case: bool = False) -> str:
+        return PathPattern.compile(text, ignore_case).shape
+
+    assert shape("/docs/{page}/*") == shape("/docs/{name}/*") == "/docs/{}/*"
+    assert shape("/%7euser/{id}") == shape("/~user/{x}")
+    assert shape("/docs/*") != shape("/docs/{page}")
+    assert shape("/admin/") != shape("/admin")
+    assert shape("/Admin/*") != shape("/admin/*")
+    assert shape("/Admin/*", ignore_case=True) == shape("/admin/*", ignore_case=True)

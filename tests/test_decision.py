@@ -1,0 +1,142 @@
+"""The decision core (SPEC §4), called directly: no listener, no upstream.
+
+config = build({"routes": [...]})
+await decide(view("DELETE", "/v1/users/43/threads/1", token), config, verifier(config), now)
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from multidict import CIMultiDict
+
+from proxy.config import Config, load
+from proxy.decision import Decision, decide, match_route
+from proxy.errors import Rejection
+from proxy.keys import AppKeys
+from proxy.model import RequestView
+from proxy.tokens import Verifier
+from tests.conftest import OTHER_SECRET, SECRET, SECRET_B64, mint
+
+OTHER_B64 = __import__("base64").b64encode(OTHER_SECRET).decode()
+
+# SPEC §3's example routes, with the `/admin/*` route of issue 17 defect 5.
+SPEC_EXAMPLE: dict[str, Any] = {
+    "upstream": {"url": "http://127.0.0.1:9"},
+    "apps": [
+        {
+            "id": "TR21063826",
+            "match": {"claim": "appId"},
+            "algorithms": ["HS256"],
+            "secrets": [SECRET_B64],
+        },
+        {
+            "id": "admin-app",
+            "match": {"claim": "appId"},
+            "algorithms": ["HS256"],
+            "secrets": [OTHER_B64],
+        },
+    ],
+    "routes": [
+        {"path": "/healthz", "auth": "none"},
+        {
+            "path": "/v1/users/{userId}/threads/*",
+            "methods": ["GET", "POST"],
+            "apps": ["TR21063826"],
+            "scopes": ["threads:write"],
+            "required_claims": ["userId"],
+            "bind": {"userId": "path.userId"},
+        },
+        {"path": "/admin/*", "methods": ["GET", "POST"], "apps": ["admin-app"]},
+        {"path": "/*", "auth": "required"},
+    ],
+}
+
+
+def build(data: dict[str, Any], tmp_path: Path | None = None) -> Config:
+    """A loaded config from a dict (the default upstream and apps filled in)."""
+    data = {"upstream": SPEC_EXAMPLE["upstream"], "apps": SPEC_EXAMPLE["apps"], **data}
+    where = str((tmp_path or Path.cwd()) / "proxy.yaml")
+    return load(where, env={}, text=yaml.safe_dump(data, sort_keys=False))
+
+
+def verifier(config: Config) -> Verifier:
+    return Verifier(config, {app.id: AppKeys(app) for app in config.apps})
+
+
+def view(method: str, target: str, token: str | None = None, **headers: str) -> RequestView:
+    all_headers: CIMultiDict[str] = CIMultiDict(Host="api.example")
+    if token is not None:
+        all_headers["Authorization"] = "Bearer " + token
+    for name, value in headers.items():
+        all_headers[name.replace("_", "-")] = value
+    return RequestView(method, target, all_headers, "127.0.0.1")
+
+
+async def run(config: Config, request: RequestView) -> Decision | Rejection:
+    """The decision, or the rejection it raised."""
+    try:
+        return await decide(request, config, verifier(config), time.time())
+    except Rejection as rejection:
+        return rejection
+
+
+def user_42() -> str:
+    return mint(SECRET, appId="TR21063826", userId="42", scope="threads:write")
+
+
+# --- Step 2: methods never open a path to a weaker route ---------------------------------------
+
+
+@pytest.mark.parametrize("method", ["DELETE", "PUT", "PATCH"])
+@pytest.mark.parametrize("target", ["/v1/users/43/threads/1", "/admin/users/1"])
+async def test_methods_never_fall_through_to_the_catch_all(method: str, target: str) -> None:
+    config = build({"routes": SPEC_EXAMPLE["routes"]})
+    result = await run(config, view(method, target, user_42()))
+    assert isinstance(result, Rejection), f"{method} {target} was forwarded"
+    assert result.reason.value == "method_not_allowed"
+    assert getattr(result, "allow", None) == "GET, POST"
+    assert result.route == SPEC_EXAMPLE["routes"][1 if target.startswith("/v1") else 2]["path"]
+
+
+async def test_the_listed_methods_still_get_their_route() -> None:
+    config = build({"routes": SPEC_EXAMPLE["routes"]})
+    result = await run(config, view("POST", "/v1/users/42/threads/1", user_42()))
+    assert isinstance(result, Decision)
+    assert result.route is not None and result.route.pattern.pattern.startswith("/v1/users/")
+    other_user = await run(config, view("GET", "/v1/users/43/threads/1", user_42()))
+    assert isinstance(other_user, Rejection)
+    assert other_user.reason.value == "binding_mismatch"
+
+
+def test_later_routes_with_the_same_pattern_are_tried() -> None:
+    config = build(
+        {
+            "routes": [
+                {"path": "/docs/{page}", "methods": ["GET"], "auth": "none"},
+                {"path": "/docs/*", "methods": ["PUT"]},
+                {"path": "/docs/{name}", "methods": ["POST", "GET"], "apps": ["admin-app"]},
+                {"path": "/*", "auth": "none"},
+            ]
+        }
+    )
+    route, params = match_route(config.routes, "POST", "/docs/a")
+    assert route is config.routes[2]
+    assert params == {"name": "a"}  # the parameters under that route's own names
+    route, _ = match_route(config.routes, "GET", "/docs/a")
+    assert route is config.routes[0]
+    with pytest.raises(Rejection) as raised:
+        match_route(config.routes, "PUT", "/docs/a")  # /docs/* is another pattern
+    assert raised.value.reason.value == "method_not_allowed"
+    assert getattr(raised.value, "allow", None) == "GET, POST"
+
+
+def test_a_route_without_methods_takes_every_method() -> None:
+    config = build({"routes": [{"path": "/a/*", "methods": ["GET"]}, {"path": "/a/*"}]})
+    route, _ = match_route(config.routes, "DELETE", "/a/b")
+    assert route is config.routes[1]
+    assert match_route(config.routes, "GET", "/elsewhere") == (None, {})
