@@ -67,10 +67,13 @@ def extract_token(view: RequestView, sources: tuple[Source, ...]) -> Found | Non
             if source.name == "authorization":
                 if len(values) > 1:
                     raise Rejection(Reason.MULTIPLE_TOKENS, "more than one Authorization header")
-                # the scheme is the text before the first space: "Bearer", in any case
+                # "Bearer" in any case, spaces, the token. Whatever else starts with "Bearer"
+                # (a tab, a comma, a no-break space, the token itself) is a near miss, never
+                # "no token": it would reach the upstream unchecked on an optional route.
                 value = values[0] if values else ""
-                scheme = value[:7].lower()
-                if scheme == "bearer " or scheme == "bearer":
+                if value[:6].lower() == "bearer":
+                    if value[6:7] != " ":
+                        raise Rejection(Reason.MALFORMED, "Bearer not followed by a space")
                     token = value[7:].lstrip(" ")
                     if not token:
                         raise Rejection(Reason.MALFORMED, "Bearer without a token")

@@ -140,3 +140,36 @@ def test_a_route_without_methods_takes_every_method() -> None:
     route, _ = match_route(config.routes, "DELETE", "/a/b")
     assert route is config.routes[1]
     assert match_route(config.routes, "GET", "/elsewhere") == (None, {})
+
+
+# --- Step 3: a near-miss Bearer is never "no token" --------------------------------------------
+
+OPTIONAL = {"routes": [{"path": "/*", "auth": "optional"}]}
+UNSIGNED = "eyJhbGciOiJub25lIn0.eyJ1c2VySWQiOiIxIn0."  # {"alg":"none"}.{"userId":"1"}.
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        pytest.param(f"Bearer\t{UNSIGNED}", id="tab"),
+        pytest.param("Bearer,x", id="comma"),
+        pytest.param("Bearer\xa0x", id="nbsp"),
+        pytest.param(f"Bearer{UNSIGNED}", id="no-space"),
+        pytest.param(f"BEARER\t{UNSIGNED}", id="tab-any-case"),
+        pytest.param("Bearer", id="scheme-alone"),
+        pytest.param("bearer   ", id="spaces-only"),
+    ],
+)
+async def test_near_miss_bearer_is_malformed_on_an_optional_route(value: str) -> None:
+    config = build(OPTIONAL)
+    result = await run(config, view("GET", "/x", Authorization=value))
+    assert isinstance(result, Rejection), f"{value!r} went upstream unverified"
+    assert result.reason.value == "malformed"
+
+
+@pytest.mark.parametrize("value", ["Basic dXNlcjpwYXNz", "Digest x", "Bear x", "Token x"])
+async def test_another_scheme_is_still_no_token(value: str) -> None:
+    config = build(OPTIONAL)
+    result = await run(config, view("GET", "/x", Authorization=value))
+    assert isinstance(result, Decision)
+    assert result.verified is None

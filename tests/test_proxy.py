@@ -459,6 +459,29 @@ async def test_bearer_without_token_is_malformed(proxy_for: ProxyFactory) -> Non
     assert (await response.json())["error"]["reason"] == "malformed"
 
 
+@pytest.mark.parametrize(
+    "value",
+    [b"Bearer\t%s", b"Bearer,%s", b"Bearer\xc2\xa0%s", b"Bearer%s", b"bearer"],
+    ids=["tab", "comma", "nbsp", "no-space", "alone"],
+)
+async def test_near_miss_bearer_never_passes_an_optional_route(
+    proxy_for: ProxyFactory, upstream: Any, value: bytes
+) -> None:
+    proxy = await proxy_for(STRICT)
+    forged = raw_token({"alg": "none"}, good(userId="1"), b"").encode()
+    line = value % forged if b"%s" in value else value
+    raw = await raw_exchange(
+        proxy.url,
+        b"GET /optional/page HTTP/1.1\r\nHost: a\r\nAuthorization: "
+        + line
+        + b"\r\nConnection: close\r\n\r\n",
+    )
+    status, head, body = parse_head(raw)
+    assert (status, json.loads(body)["error"]["reason"]) == (401, "malformed")
+    assert head["www-authenticate"] == [CHALLENGE_INVALID]
+    assert upstream.seen == []
+
+
 async def test_other_scheme_counts_as_no_token(proxy_for: ProxyFactory) -> None:
     proxy = await proxy_for(STRICT)
     response = await proxy.get("/x", headers={"Authorization": "Basic dXNlcjpwYXNz"})
