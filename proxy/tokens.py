@@ -15,8 +15,9 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import math
 import re
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
 from urllib.parse import unquote_plus
@@ -32,6 +33,9 @@ from .model import RequestView
 
 _SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]+")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+# json.loads turns an unpaired \ud800-\udfff escape into a lone surrogate: not Unicode text,
+# and no UTF-8 encoder (identity headers, claims_header) takes it.
+_SURROGATE: Final = re.compile(r"[\ud800-\udfff]")
 _TYPES: Final = frozenset({"jwt", "at+jwt", "application/at+jwt"})
 
 Trace = list[tuple[str, bool, str]] | None
@@ -197,6 +201,34 @@ def parse(token: str, max_length: int) -> _Parsed:
 
 def _is_number(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+_TIME_LIMIT: Final = 2**63
+
+
+def _is_time(value: Any) -> bool:
+    """A finite number within ±2^63: what exp, nbf and iat must be (1e999 and 10**400 are
+    not: one would never expire, the other overflows float arithmetic)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return -_TIME_LIMIT <= value < _TIME_LIMIT
+    return isinstance(value, float) and math.isfinite(value)
+
+
+def strings_in(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, member names included, at any depth (no recursion: a
+    payload json.loads accepted may nest deeper than Python's stack)."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            yield item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
 
 
 def json_equal(a: Any, b: Any) -> bool:
@@ -383,8 +415,10 @@ class Verifier:
             return Rejection(reason, detail, app=app.id)
 
         for name in ("exp", "nbf", "iat"):
-            if name in claims and not _is_number(claims[name]):
-                raise fail(Reason.MALFORMED, f"{name} is not a number")
+            if name in claims and not _is_time(claims[name]):
+                raise fail(Reason.MALFORMED, f"{name} is not a finite number within ±2^63")
+        if any(_SURROGATE.search(text) for text in strings_in(claims)):
+            raise fail(Reason.MALFORMED, "a string claim is not valid Unicode (a lone surrogate)")
         if "iss" in claims and not isinstance(claims["iss"], str):
             raise fail(Reason.MALFORMED, "iss is not a string")
         if "aud" in claims and not _audience_ok(claims["aud"]):

@@ -173,3 +173,57 @@ async def test_another_scheme_is_still_no_token(value: str) -> None:
     result = await run(config, view("GET", "/x", Authorization=value))
     assert isinstance(result, Decision)
     assert result.verified is None
+
+
+# --- Step 7: claims a signature cannot make sane ------------------------------------------------
+
+
+def signed(payload: bytes, secret: bytes = SECRET) -> str:
+    """An HS256 token whose payload is exactly this JSON text."""
+    import base64
+    import hashlib
+    import hmac
+
+    def encode(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing = encode(b'{"alg":"HS256","typ":"JWT"}') + "." + encode(payload)
+    return signing + "." + encode(hmac.new(secret, signing.encode(), hashlib.sha256).digest())
+
+
+NOW = int(time.time())
+
+
+def payload_with(extra: str, times: str = f'"exp":{NOW + 300},"iat":{NOW}') -> str:
+    """A payload's JSON text: the app's match claim, the times, then `extra` as is."""
+    return '{"appId":"TR21063826",' + times + extra + "}"
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        pytest.param(payload_with(',"sub":"\\udfff"'), id="lone-surrogate-forwarded"),
+        pytest.param(payload_with(',"note":"a\\ud800b"'), id="lone-surrogate-not-forwarded"),
+        pytest.param(payload_with(',"d":{"a":[1,{"b":"\\udc00"}]}'), id="lone-surrogate-nested"),
+        pytest.param(payload_with(',"x":{"\\udfff":1}'), id="lone-surrogate-member-name"),
+        pytest.param(payload_with("", '"exp":1' + "0" * 400), id="exp-400-digits"),
+        pytest.param(payload_with("", '"exp":1e999'), id="exp-1e999"),
+        pytest.param(payload_with("", '"exp":-1e999'), id="exp-minus-1e999"),
+        pytest.param(payload_with(f',"nbf":{2**63}'), id="nbf-2^63"),
+        pytest.param(payload_with("", f'"iat":{-(2**63) - 1}'), id="iat-below-minus-2^63"),
+        pytest.param(payload_with(',"nbf":"1"'), id="nbf-numeric-string"),
+        pytest.param(payload_with(',"nbf":false'), id="nbf-boolean"),
+    ],
+)
+async def test_odd_claims_are_malformed_never_a_crash(payload: str) -> None:
+    config = build({"forward": {"claims_header": "X-Auth-Claims"}})
+    with pytest.raises(Rejection) as raised:
+        await verifier(config).verify_fresh(signed(payload.encode()), time.time())
+    assert raised.value.reason.value == "malformed"
+
+
+async def test_paired_surrogates_and_large_finite_times_are_fine() -> None:
+    config = build({"forward": {"claims_header": "X-Auth-Claims"}})
+    payload = payload_with(f',"sub":"\\ud83d\\ude00","nbf":{-(2**62)}')
+    verified = await verifier(config).verify_fresh(signed(payload.encode()), time.time())
+    assert verified.claims["sub"] == "\U0001f600"

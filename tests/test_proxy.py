@@ -97,6 +97,27 @@ def hs256(header: dict[str, Any], payload: dict[str, Any], secret: bytes = SECRE
     return signing + "." + encode(signature)
 
 
+def hs256_text(payload: str, secret: bytes = SECRET) -> str:
+    """A correctly HS256-signed token whose payload is exactly this JSON text."""
+    import hashlib
+    import hmac
+
+    def encode(data: bytes) -> str:
+        return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+    signing = encode(b'{"alg":"HS256"}') + "." + encode(payload.encode())
+    signature = hmac.new(secret, signing.encode(), hashlib.sha256).digest()
+    return signing + "." + encode(signature)
+
+
+def good_text(**raw: str) -> str:
+    """good()'s claims as JSON text, with members whose JSON text is given as is."""
+    times = {"exp": int(time.time()) + 60, "iat": int(time.time())}
+    fields = {k: v for k, v in {**good(), **times}.items() if k not in raw}
+    claims = json.dumps(fields)
+    return claims[:-1] + "".join(f', "{name}": {text}' for name, text in raw.items()) + "}"
+
+
 # The contract's table, written out independently of proxy.errors.
 INVALID = (401, 38, "TokenInvalid", "The token is invalid.")
 FORBIDDEN = (403, 38, "TokenInvalid", "The token does not allow this request.")
@@ -199,6 +220,46 @@ CASES = [
         CHALLENGE_INVALID,
         "malformed",
         id="control-char-in-forwarded-claim",
+    ),
+    pytest.param(
+        "/x",
+        lambda: hs256_text(good_text(sub='"\\udfff"')),
+        INVALID,
+        CHALLENGE_INVALID,
+        "malformed",
+        id="lone-surrogate-in-forwarded-claim",
+    ),
+    pytest.param(
+        "/x",
+        lambda: hs256_text(good_text(extra='{"list": ["\\ud800"]}')),
+        INVALID,
+        CHALLENGE_INVALID,
+        "malformed",
+        id="lone-surrogate-nested",
+    ),
+    pytest.param(
+        "/x",
+        lambda: hs256_text(good_text(exp="1" + "0" * 400)),
+        INVALID,
+        CHALLENGE_INVALID,
+        "malformed",
+        id="exp-400-digits",
+    ),
+    pytest.param(
+        "/x",
+        lambda: hs256_text(good_text(exp="1e999")),
+        INVALID,
+        CHALLENGE_INVALID,
+        "malformed",
+        id="exp-1e999",
+    ),
+    pytest.param(
+        "/x",
+        lambda: hs256_text(good_text(nbf=str(2**63))),
+        INVALID,
+        CHALLENGE_INVALID,
+        "malformed",
+        id="nbf-beyond-2^63",
     ),
     pytest.param("/x", lambda: "a" * 3000, INVALID, CHALLENGE_INVALID, "too_long", id="too-long"),
     pytest.param(
