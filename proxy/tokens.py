@@ -457,7 +457,12 @@ class Verifier:
             value = app.id if path == "@app" else claim_at(claims, path)
             if value is ABSENT:
                 continue
-            if isinstance(value, str) and _CONTROL.search(value):
+            if isinstance(value, str):
+                if _CONTROL.search(value):
+                    raise fail(Reason.MALFORMED, f"claim {path} holds a control character")
+            elif isinstance(value, list | dict) and any(
+                _CONTROL.search(text) for text in strings_in(value)
+            ):  # JSON text escapes most of them, not U+007F; the contract refuses them all
                 raise fail(Reason.MALFORMED, f"claim {path} holds a control character")
             identity.append((header.encode(), header_text(value).encode()))
         note(trace, "claims", True, "iss, aud, required claims and claim values fine")

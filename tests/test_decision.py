@@ -227,3 +227,35 @@ async def test_paired_surrogates_and_large_finite_times_are_fine() -> None:
     payload = payload_with(f',"sub":"\\ud83d\\ude00","nbf":{-(2**62)}')
     verified = await verifier(config).verify_fresh(signed(payload.encode()), time.time())
     assert verified.claims["sub"] == "\U0001f600"
+
+
+# --- Step 7: a forwarded claim holds no control character, at any depth ------------------------
+
+ROLES = {"forward": {"identity_headers": {"X-Auth-Roles": "roles", "X-Auth-Org": "org.unit"}}}
+
+
+@pytest.mark.parametrize(
+    "claims",
+    [
+        pytest.param({"roles": ["admin", "ops\r\nX-Admin: 1"]}, id="list"),
+        pytest.param({"roles": {"name": "a\x00b"}}, id="object"),
+        pytest.param({"roles": [[{"deep": ["\x7f"]}]]}, id="nested"),
+        pytest.param({"roles": {"tab\tname": 1}}, id="member-name"),
+        pytest.param({"org": {"unit": ["x\x1f"]}}, id="dotted-path"),
+    ],
+)
+async def test_forwarded_list_or_object_with_a_control_character_is_malformed(
+    claims: dict[str, Any],
+) -> None:
+    config = build(ROLES)
+    token = mint(SECRET, appId="TR21063826", **claims)
+    with pytest.raises(Rejection) as raised:
+        await verifier(config).verify_fresh(token, time.time())
+    assert raised.value.reason.value == "malformed"
+
+
+async def test_control_characters_in_claims_nobody_forwards_are_fine() -> None:
+    config = build(ROLES)
+    token = mint(SECRET, appId="TR21063826", roles=["a", {"b": 1}], other=["x\ny"])
+    verified = await verifier(config).verify_fresh(token, time.time())
+    assert dict(verified.identity)[b"X-Auth-Roles"] == b'["a",{"b":1}]'

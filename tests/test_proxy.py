@@ -223,6 +223,14 @@ CASES = [
     ),
     pytest.param(
         "/x",
+        lambda: mint(**good(userId={"id": "42", "roles": ["a\r\nX-Admin: 1"]})),
+        INVALID,
+        CHALLENGE_INVALID,
+        "malformed",
+        id="control-char-inside-forwarded-object",
+    ),
+    pytest.param(
+        "/x",
         lambda: hs256_text(good_text(sub='"\\udfff"')),
         INVALID,
         CHALLENGE_INVALID,
