@@ -27,7 +27,7 @@ from cachetools import Cache
 from . import jwk
 from .config import TOKEN_SERVICE_APP, App, Config, Source
 from .errors import Reason, Rejection
-from .keys import AppKeys
+from .keys import MAX_KIDLESS, AppKeys
 from .metrics import Metrics
 from .model import RequestView
 
@@ -396,6 +396,10 @@ class Verifier:
             if await jwks.refetch_for_kid(now):
                 candidates = keys.candidates(parsed.alg, kid, now)
         if not candidates:
+            if kid is None and not _too_many_fit(keys, parsed.alg, now):
+                # No key fits the algorithm at all: no key verifies (SPEC §4 step 6).
+                note(trace, "key", False, f"no key of the app fits {parsed.alg}")
+                raise Rejection(Reason.BAD_SIGNATURE, "no key fits the algorithm", app=app.id)
             raise Rejection(Reason.UNKNOWN_KID, "no key has this kid (or too many fit)", app=app.id)
         note(trace, "key", True, f"{len(candidates)} key(s) to try")
         for key in candidates:
@@ -475,6 +479,13 @@ class Verifier:
             claims_header=_b64_json(claims) if self.config.forward.claims_header else None,
             key=key,
         )
+
+
+def _too_many_fit(keys: AppKeys, alg: str, now: float) -> bool:
+    """Whether more keys fit a token without kid than are tried (AppKeys.candidates gives []
+    both for that and for none)."""
+    pool = keys.app.keys + (keys.jwks.current(now) if keys.jwks else ())
+    return sum(1 for key in pool if key.fits(alg)) > MAX_KIDLESS
 
 
 def _b64_json(claims: dict[str, Any]) -> str:

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jwt
 import pytest
 import yaml
 from multidict import CIMultiDict
@@ -20,7 +21,7 @@ from proxy.errors import Rejection
 from proxy.keys import AppKeys
 from proxy.model import RequestView
 from proxy.tokens import Verifier
-from tests.conftest import OTHER_SECRET, SECRET, SECRET_B64, mint
+from tests.conftest import OTHER_SECRET, SECRET, SECRET_B64, KeyFiles, mint
 
 OTHER_B64 = __import__("base64").b64encode(OTHER_SECRET).decode()
 
@@ -259,3 +260,44 @@ async def test_control_characters_in_claims_nobody_forwards_are_fine() -> None:
     token = mint(SECRET, appId="TR21063826", roles=["a", {"b": 1}], other=["x\ny"])
     verified = await verifier(config).verify_fresh(token, time.time())
     assert dict(verified.identity)[b"X-Auth-Roles"] == b'["a",{"b":1}]'
+
+
+# --- Step 6: no key verifies → bad_signature ----------------------------------------------------
+
+
+def asymmetric(keys: KeyFiles, files: list[str]) -> dict[str, Any]:
+    app = {
+        "id": "idp",
+        "algorithms": ["RS256", "ES256"],
+        "public_keys": [keys.path(file) for file in files],
+    }
+    return {"apps": [app]}
+
+
+def signed_by(keys: KeyFiles, name: str, alg: str, kid: str | None = None) -> str:
+    headers = {"kid": kid} if kid is not None else None
+    claims = {"exp": int(time.time()) + 60}
+    return jwt.encode(claims, keys.private[name], algorithm=alg, headers=headers)  # type: ignore[arg-type]
+
+
+async def test_no_kid_and_no_key_fitting_the_algorithm_is_bad_signature(keys: KeyFiles) -> None:
+    config = build(asymmetric(keys, ["rsa.pub"]))
+    with pytest.raises(Rejection) as raised:
+        await verifier(config).verify_fresh(signed_by(keys, "ec", "ES256"), time.time())
+    assert raised.value.reason.value == "bad_signature"
+
+
+async def test_unknown_kid_stays_for_a_kid_not_found_and_for_too_many_keys(
+    keys: KeyFiles,
+) -> None:
+    config = build(asymmetric(keys, ["rsa.pub"]))
+    with pytest.raises(Rejection) as raised:
+        await verifier(config).verify_fresh(signed_by(keys, "ec", "ES256", "nope"), time.time())
+    assert raised.value.reason.value == "unknown_kid"
+    crowded = build(asymmetric(keys, ["rsa2.pub", "rsa2.pub", "rsa2.pub", "rsa2.pub", "rsa.pub"]))
+    with pytest.raises(Rejection) as raised:
+        await verifier(crowded).verify_fresh(signed_by(keys, "rsa", "RS256"), time.time())
+    assert raised.value.reason.value == "unknown_kid"
+    few = build(asymmetric(keys, ["rsa2.pub", "rsa.pub"]))
+    verified = await verifier(few).verify_fresh(signed_by(keys, "rsa", "RS256"), time.time())
+    assert verified.app.id == "idp"

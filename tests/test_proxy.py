@@ -551,6 +551,20 @@ async def test_near_miss_bearer_never_passes_an_optional_route(
     assert upstream.seen == []
 
 
+async def test_no_key_fitting_a_kidless_token_is_bad_signature(
+    proxy_for: ProxyFactory, keys: Any
+) -> None:
+    # An RS256/ES256 app whose only key is RSA: an ES256 token without kid fits no key.
+    app = {"id": "idp", "algorithms": ["RS256", "ES256"], "public_keys": [keys.path("rsa.pub")]}
+    proxy = await proxy_for({"apps": [app]})
+    claims = {"exp": int(time.time()) + 60}
+    response = await proxy.get("/x", token=jwt.encode(claims, keys.private["ec"], "ES256"))
+    assert response.status == 401
+    assert (await response.json())["error"]["reason"] == "bad_signature"
+    fitting = jwt.encode(claims, keys.private["rsa"], "RS256")
+    assert (await proxy.get("/x", token=fitting)).status == 200
+
+
 async def test_other_scheme_counts_as_no_token(proxy_for: ProxyFactory) -> None:
     proxy = await proxy_for(STRICT)
     response = await proxy.get("/x", headers={"Authorization": "Basic dXNlcjpwYXNz"})
