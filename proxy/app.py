@@ -276,7 +276,9 @@ class Proxy:
                 response.headers[rid_name] = rid
                 traffic.bytes_out = _body_size(response, head.method)
                 return response
-            view = RequestView(head.method, head.path, head.headers, peer, self.scheme)
+            view = RequestView(
+                head.method, head.path, head.headers, peer, self.scheme, request.with_body
+            )
             decided = await decide(view, config, state.verifier, self.clock())
             app = decided.app
             response = await self.forward(request, state, decided, peer, rid, traffic)

@@ -79,9 +79,12 @@ def _same_pattern(
 
 
 def is_preflight(view: RequestView) -> bool:
+    """A CORS preflight: OPTIONS with Origin and Access-Control-Request-Method, and no body
+    (an OPTIONS with a body is an ordinary request: its body must not go upstream unchecked)."""
     headers = view.headers
     return (
         view.method == "OPTIONS"
+        and not view.has_body
         and "Origin" in headers
         and "Access-Control-Request-Method" in headers
     )

@@ -301,3 +301,25 @@ async def test_unknown_kid_stays_for_a_kid_not_found_and_for_too_many_keys(
     few = build(asymmetric(keys, ["rsa2.pub", "rsa.pub"]))
     verified = await verifier(few).verify_fresh(signed_by(keys, "rsa", "RS256"), time.time())
     assert verified.app.id == "idp"
+
+
+# --- Step 2: a CORS preflight has no body ----------------------------------------------------
+
+
+def preflight(has_body: bool) -> RequestView:
+    headers: CIMultiDict[str] = CIMultiDict(
+        {"Host": "api.example", "Origin": "https://app.example"}
+    )
+    headers["Access-Control-Request-Method"] = "POST"
+    return RequestView("OPTIONS", "/x", headers, "127.0.0.1", "http", has_body)
+
+
+async def test_a_preflight_passes_without_a_token() -> None:
+    result = await run(build({}), preflight(has_body=False))
+    assert isinstance(result, Decision)
+
+
+async def test_an_options_with_a_body_is_an_ordinary_request() -> None:
+    result = await run(build({}), preflight(has_body=True))
+    assert isinstance(result, Rejection)
+    assert result.reason.value == "missing"

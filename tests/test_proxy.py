@@ -882,6 +882,34 @@ async def test_cors_preflight(proxy_for: ProxyFactory, preflight: str, status: i
     assert plain_options.status == 401
 
 
+@pytest.mark.parametrize(
+    "framing",
+    [
+        b"Content-Length: 5\r\n\r\nhello",
+        b"Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n",
+    ],
+    ids=["content-length", "chunked"],
+)
+async def test_a_preflight_with_a_body_needs_a_token(
+    proxy_for: ProxyFactory, upstream: Any, framing: bytes
+) -> None:
+    proxy = await proxy_for({"preflight": "pass"})
+    raw = await raw_exchange(
+        proxy.url,
+        b"OPTIONS /x HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example\r\n"
+        b"Access-Control-Request-Method: POST\r\nConnection: close\r\n" + framing,
+    )
+    status, _, body = parse_head(raw)
+    assert (status, json.loads(body)["error"]["reason"]) == (401, "missing")
+    assert upstream.seen == []
+    empty = await raw_exchange(
+        proxy.url,
+        b"OPTIONS /x HTTP/1.1\r\nHost: a\r\nOrigin: https://app.example\r\n"
+        b"Access-Control-Request-Method: POST\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+    )
+    assert parse_head(empty)[0] == 200  # no body: still a preflight
+
+
 async def test_leeway_accepts_recent_expiry(proxy_for: ProxyFactory) -> None:
     proxy = await proxy_for({"token": {"leeway": 30}})
     assert (
