@@ -179,6 +179,8 @@ class Route:
     required_claims: tuple[str, ...]
     bind: tuple[Binding, ...]
     upstream: str | None
+    # claim (name, or dotted path when no claim has that name) -> the values it may equal
+    claims: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -789,7 +791,7 @@ class _Builder:
             root.problem("routes", "must be a list of routes")
             return []
         app_ids = {app.id for app in apps} | ({TOKEN_SERVICE_APP} if service else set())
-        keys = "path methods auth apps scopes required_claims bind upstream".split()
+        keys = "path methods auth apps scopes required_claims bind claims upstream".split()
         routes: list[Route] = []
         for index, item in enumerate(data):
             section = Section(item, f"routes[{index}]", self.problems, keys)
@@ -813,6 +815,7 @@ class _Builder:
             scopes = section.strings("scopes", ())
             required = section.strings("required_claims", ())
             bind = self.bind(section, pattern)
+            claims = self.route_claims(section)
             upstream = section.optional_string("upstream")
             if upstream is not None and upstream not in upstreams:
                 section.problem("upstream", "names an unknown upstream")
@@ -829,9 +832,30 @@ class _Builder:
                     required_claims=required,
                     bind=bind,
                     upstream=upstream,
+                    claims=claims,
                 )
             )
         return routes
+
+    def route_claims(self, section: Section) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+        data = section.raw("claims", {})
+        if data is None:
+            return ()
+        if not isinstance(data, dict):
+            section.problem("claims", "must be a mapping of claim to a value or a list of values")
+            return ()
+        rules: list[tuple[str, tuple[Any, ...]]] = []
+        for claim, value in data.items():
+            if not isinstance(claim, str) or not claim:
+                section.problem("claims", "claim names must be non-empty strings")
+                continue
+            # A list names the values the claim may equal; a single value is a list of one.
+            values = tuple(map(_plain, value)) if isinstance(value, list) else (_plain(value),)
+            if not values:
+                section.problem(join("claims", claim), "needs at least one value")
+                continue
+            rules.append((str(claim), values))
+        return tuple(rules)
 
     def bind(self, section: Section, pattern: PathPattern | None) -> tuple[Binding, ...]:
         data = section.raw("bind", {})

@@ -15,7 +15,18 @@ from .config import Config, Route
 from .errors import Reason, Rejection
 from .model import RequestView
 from .routing import Target, split_target
-from .tokens import Found, Trace, Verified, Verifier, extract_token, note, query_values
+from .tokens import (
+    ABSENT,
+    Found,
+    Trace,
+    Verified,
+    Verifier,
+    claim_at,
+    extract_token,
+    json_equal,
+    note,
+    query_values,
+)
 
 
 class Decision:
@@ -169,8 +180,26 @@ def authorize(
             )
         if trace is not None:
             trace.append((f"bind {binding.claim}", True, f"equals {binding.kind}.{binding.name}"))
+    for name, allowed in route.claims:
+        value = claims[name] if name in claims else claim_at(claims, name)
+        if value is ABSENT or not _claim_allowed(value, allowed):
+            detail = f"{name} is absent" if value is ABSENT else f"{name} matches no listed value"
+            note(trace, f"claim {name}", False, detail)
+            raise Rejection(Reason.ROUTE_CLAIM_MISMATCH, f"claim {detail}", app=app)
+        if trace is not None:
+            trace.append((f"claim {name}", True, f"{name} matches a listed value"))
     if trace is not None:
         trace.append(("route checks", True, "apps, scopes, claims and bindings fine"))
+
+
+def _claim_allowed(value: Any, allowed: tuple[Any, ...]) -> bool:
+    """A route claim rule: the claim equals one of the values, or is a list with an element
+    that does (roles, groups); compared as JSON values, so 1 is not true and "1" is not 1."""
+    if any(json_equal(value, candidate) for candidate in allowed):
+        return True
+    return isinstance(value, list) and any(
+        json_equal(element, candidate) for element in value for candidate in allowed
+    )
 
 
 def _claim_text(value: Any) -> str | None:

@@ -39,6 +39,7 @@ class Reason(StrEnum):
     APP_NOT_ALLOWED = "app_not_allowed"
     INSUFFICIENT_SCOPE = "insufficient_scope"
     ROUTE_MISSING_CLAIM = "route_missing_claim"
+    ROUTE_CLAIM_MISMATCH = "route_claim_mismatch"
     BINDING_MISMATCH = "binding_mismatch"
     MULTIPLE_TOKENS = "multiple_tokens"
     BAD_PATH = "bad_path"
@@ -94,6 +95,7 @@ CONTRACT: Final[dict[Reason, Outcome]] = {
             Reason.APP_NOT_ALLOWED,
             Reason.INSUFFICIENT_SCOPE,
             Reason.ROUTE_MISSING_CLAIM,
+            Reason.ROUTE_CLAIM_MISMATCH,
             Reason.BINDING_MISMATCH,
         )
     },

@@ -344,6 +344,23 @@ def test_inspect_human_output(tmp_path: Path) -> None:
     assert "rejected: 401 TokenExpired (code 40), reason expired" in result.stdout
 
 
+def test_inspect_shows_the_route_claims_step(tmp_path: Path) -> None:
+    routes = [{"path": "/ops/*", "claims": {"roles": ["admin", "ops"]}}, {"path": "/*"}]
+    config = write_config(tmp_path, {**APPS, "routes": routes})
+    args = ("inspect", "--config", str(config), "--path", "/ops/deploy", "--json")
+    denied = run(*args, mint(ttl=60, roles=["viewer"], **claims()), env=ENV)
+    assert denied.returncode == 1
+    report = json.loads(denied.stdout)
+    assert (report["status"], report["code"], report["reason"]) == (403, 38, "route_claim_mismatch")
+    step = next(s for s in report["steps"] if s["step"] == "claim roles")
+    assert step["ok"] is False
+    assert "roles" in step["detail"]
+    allowed = run(*args, mint(ttl=60, roles=["viewer", "ops"], **claims()), env=ENV)
+    assert allowed.returncode == 0
+    steps = json.loads(allowed.stdout)["steps"]
+    assert {"step": "claim roles", "ok": True, "detail": "roles matches a listed value"} in steps
+
+
 # --- The demo's curl lines work as printed ------------------------------------------------------
 
 

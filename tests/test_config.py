@@ -229,6 +229,24 @@ RULES = [
         id="bind-malformed-source",
     ),
     pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/a", "claims": ["roles"]}]},
+        "routes[0].claims",
+        "mapping of claim to a value or a list of values",
+        id="route-claims-not-a-mapping",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/a", "claims": {"roles": []}}]},
+        "routes[0].claims.roles",
+        "at least one value",
+        id="route-claims-empty-list",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/a", "claims": {"": "x"}}]},
+        "routes[0].claims",
+        "claim names",
+        id="route-claims-empty-name",
+    ),
+    pytest.param(
         lambda k: {**BASE, "token": {"sources": ["form:token"]}},
         "token.sources[0]",
         "kind",

@@ -323,3 +323,55 @@ async def test_an_options_with_a_body_is_an_ordinary_request() -> None:
     result = await run(build({}), preflight(has_body=True))
     assert isinstance(result, Rejection)
     assert result.reason.value == "missing"
+
+
+# --- Step 8: route claims (roles and groups) ---------------------------------------------------
+
+ROLE_ROUTES = {
+    "routes": [
+        {"path": "/ops/*", "claims": {"roles": ["admin", "ops"], "tier": 1}},
+        {"path": "/nested/*", "claims": {"realm_access.roles": "admin"}},
+        {"path": "/exact/*", "claims": {"flags": [["a", "b"]], "org": {"id": 7}}},
+        {"path": "/*", "auth": "none"},
+    ]
+}
+
+
+@pytest.mark.parametrize(
+    ("path", "claims", "allowed"),
+    [
+        pytest.param("/ops/x", {"roles": "ops", "tier": 1}, True, id="one-of-the-values"),
+        pytest.param("/ops/x", {"roles": ["viewer", "admin"], "tier": 1}, True, id="list-claim"),
+        pytest.param("/ops/x", {"roles": ["viewer"], "tier": 1}, False, id="no-element"),
+        pytest.param("/ops/x", {"roles": "Admin", "tier": 1}, False, id="case-matters"),
+        pytest.param("/ops/x", {"roles": "admin", "tier": 1.0}, True, id="1-is-1.0"),
+        pytest.param("/ops/x", {"roles": "admin", "tier": True}, False, id="true-is-not-1"),
+        pytest.param("/ops/x", {"roles": "admin", "tier": "1"}, False, id="string-is-not-1"),
+        pytest.param("/ops/x", {"roles": "admin"}, False, id="absent"),
+        pytest.param("/ops/x", {"roles": {"admin": True}, "tier": 1}, False, id="object"),
+        pytest.param("/nested/x", {"realm_access": {"roles": ["admin"]}}, True, id="dotted"),
+        pytest.param("/nested/x", {"realm_access.roles": "admin"}, True, id="dotted-name"),
+        pytest.param("/nested/x", {"realm_access": {"roles": []}}, False, id="dotted-empty"),
+        pytest.param("/exact/x", {"flags": ["a", "b"], "org": {"id": 7}}, True, id="exact"),
+        pytest.param("/exact/x", {"flags": ["a"], "org": {"id": 7}}, False, id="not-exact"),
+    ],
+)
+async def test_route_claims(path: str, claims: dict[str, Any], allowed: bool) -> None:
+    config = build(ROLE_ROUTES)
+    result = await run(config, view("GET", path, mint(SECRET, appId="TR21063826", **claims)))
+    if allowed:
+        assert isinstance(result, Decision), result
+    else:
+        assert isinstance(result, Rejection)
+        assert result.reason.value == "route_claim_mismatch"
+
+
+async def test_route_claims_run_on_cache_hits() -> None:
+    config = build(ROLE_ROUTES)
+    shared = verifier(config)
+    token = mint(SECRET, appId="TR21063826", roles=["ops"], tier=1)
+    first = await decide(view("GET", "/ops/a", token), config, shared, time.time())
+    assert first.verified is not None
+    with pytest.raises(Rejection) as raised:
+        await decide(view("GET", "/nested/a", token), config, shared, time.time())
+    assert raised.value.reason.value == "route_claim_mismatch"

@@ -798,6 +798,29 @@ async def test_optional_route(proxy_for: ProxyFactory) -> None:
     assert (await bad.json())["error"]["reason"] == "bad_signature"
 
 
+async def test_route_claims_roles_rule(proxy_for: ProxyFactory, upstream: Any) -> None:
+    routes = [{"path": "/ops/*", "claims": {"roles": ["admin", "ops"]}}, {"path": "/*"}]
+    proxy = await proxy_for({"routes": routes})
+    allowed = await proxy.get("/ops/deploy", token=proxy.token(roles=["viewer", "ops"]))
+    assert allowed.status == 200
+    assert len(upstream.seen) == 1
+    for token in (proxy.token(roles=["viewer"]), proxy.token(), proxy.token(roles="Admin")):
+        response = await proxy.get("/ops/deploy", token=token)
+        assert response.status == 403
+        assert response.headers["WWW-Authenticate"] == CHALLENGE_FORBIDDEN
+        assert await response.json() == {
+            "error": {
+                "code": 38,
+                "name": "TokenInvalid",
+                "message": "The token does not allow this request.",
+                "reason": "route_claim_mismatch",
+            }
+        }
+    assert len(upstream.seen) == 1
+    assert 'reason="route_claim_mismatch"' in proxy.metrics_text()
+    assert (await proxy.get("/elsewhere", token=proxy.token())).status == 200
+
+
 async def test_route_without_match_requires_a_token(proxy_for: ProxyFactory) -> None:
     proxy = await proxy_for({"routes": [{"path": "/public/*", "auth": "none"}]})
     assert (await proxy.get("/public/a")).status == 200
