@@ -23,7 +23,7 @@ from urllib.parse import quote
 from multidict import CIMultiDict
 
 from . import __version__
-from .config import Config, default_path, load
+from .config import Config, Source, default_path, load
 from .errors import CONTRACT, ConfigError, Rejection
 from .metrics import Metrics
 from .mint import MintError, claim_value, keygen, mint
@@ -207,6 +207,19 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if result["forwarded"] else 1
 
 
+def _inspect_source(config: Config, method: str, target: str) -> Source:
+    """Where `inspect` puts the token: the first source of the route the request would take
+    (token.sources when none matches, or when the path or method is rejected before step 3)."""
+    from .decision import match_route, token_sources
+    from .routing import split_target
+
+    try:
+        route, _ = match_route(config.routes, method, split_target(target, "localhost").match)
+    except Rejection:
+        route = None  # the decision rejects the request before it looks for a token
+    return token_sources(route, config)[0]
+
+
 async def inspect_token(
     config: Config, token: str, method: str, path: str, offline: bool
 ) -> dict[str, Any]:
@@ -222,9 +235,9 @@ async def inspect_token(
                 if getattr(app, key):
                     steps.append(("offline", True, f"app {app.id}: {key} not fetched"))
     state = await resources.prepare(config, fetch=not offline)
-    source = config.token.sources[0]
     headers: CIMultiDict[str] = CIMultiDict(Host="localhost")
     target = path if path.startswith("/") else "/" + path
+    source = _inspect_source(config, method.upper(), target)
     if source.kind == "header":
         headers[source.name] = ("Bearer " + token) if source.name == "authorization" else token
     elif source.kind == "query":

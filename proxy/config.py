@@ -181,6 +181,7 @@ class Route:
     upstream: str | None
     # claim (name, or dotted path when no claim has that name) -> the values it may equal
     claims: tuple[tuple[str, tuple[Any, ...]], ...] = ()
+    sources: tuple[Source, ...] | None = None  # None: token.sources
 
 
 @dataclass(frozen=True, slots=True)
@@ -324,7 +325,7 @@ class _Builder:
         errors = self.errors(root)
         service = self.token_service(root, environment)
         apps = self.apps(root, service)
-        routes = self.routes(root, bool(ignore_case), apps, upstreams, service)
+        routes = self.routes(root, bool(ignore_case), apps, upstreams, service, forward)
         preflight = root.choice("preflight", ("pass", "check"), "pass")
         self.cross_checks(root, apps, routes, service)
         limits = self.limits(root)
@@ -472,21 +473,7 @@ class _Builder:
             "jwks_max_stale jwks_timeout"
         ).split()
         section = Section(root.raw("token"), "token", self.problems, keys)
-        raw = section.strings("sources", ("header:Authorization",))
-        sources: list[Source] = []
-        for index, entry in enumerate(raw or ()):
-            kind, _, name = entry.partition(":")
-            if kind not in ("header", "query", "cookie"):
-                section.problem(f"sources[{index}]", "kind must be header:, query: or cookie:")
-            elif not name or (kind == "header" and not _TOKEN_CHARS.fullmatch(name)):
-                section.problem(f"sources[{index}]", "needs a valid name after the kind")
-            else:
-                source = Source(kind, name.lower() if kind == "header" else name, entry)
-                if source in sources:
-                    section.problem(f"sources[{index}]", "is listed twice")
-                sources.append(source)
-        if raw is not None and not raw:
-            section.problem("sources", "needs at least one source")
+        sources = self.sources(section, ("header:Authorization",))
         values = (
             section.number("leeway", 30),
             section.integer("max_length", 8192, minimum=16),
@@ -511,6 +498,25 @@ class _Builder:
             float(max_stale or 0),
             float(timeout or 0),
         )
+
+    def sources(self, section: Section, default: Any) -> list[Source]:
+        """`sources` of token (or of a route): header:NAME, query:NAME, cookie:NAME."""
+        raw = section.strings("sources", default)
+        sources: list[Source] = []
+        for index, entry in enumerate(raw or ()):
+            kind, _, name = entry.partition(":")
+            if kind not in ("header", "query", "cookie"):
+                section.problem(f"sources[{index}]", "kind must be header:, query: or cookie:")
+            elif not name or (kind == "header" and not _TOKEN_CHARS.fullmatch(name)):
+                section.problem(f"sources[{index}]", "needs a valid name after the kind")
+            else:
+                source = Source(kind, name.lower() if kind == "header" else name, entry)
+                if source in sources:
+                    section.problem(f"sources[{index}]", "is listed twice")
+                sources.append(source)
+        if raw is not None and not raw:
+            section.problem("sources", "needs at least one source")
+        return sources
 
     def forward(self, root: Section, token: TokenSettings | None) -> Forward | None:
         keys = ("token", "identity_headers", "claims_header", "request_id_header")
@@ -783,6 +789,7 @@ class _Builder:
         apps: list[App],
         upstreams: Mapping[str, Upstream],
         service: TokenService | None,
+        forward: Forward | None,
     ) -> list[Route]:
         data = root.raw("routes", [])
         if data is None:
@@ -791,7 +798,13 @@ class _Builder:
             root.problem("routes", "must be a list of routes")
             return []
         app_ids = {app.id for app in apps} | ({TOKEN_SERVICE_APP} if service else set())
-        keys = "path methods auth apps scopes required_claims bind claims upstream".split()
+        keys = "path methods auth apps scopes required_claims bind claims sources upstream".split()
+        # Headers the proxy sets upstream (identity, claims): a token source cannot be one.
+        managed = set()
+        if forward is not None:
+            managed = {name.lower().replace("_", "-") for name, _ in forward.identity_headers}
+            if forward.claims_header:
+                managed.add(forward.claims_header.lower().replace("_", "-"))
         routes: list[Route] = []
         for index, item in enumerate(data):
             section = Section(item, f"routes[{index}]", self.problems, keys)
@@ -816,6 +829,12 @@ class _Builder:
             required = section.strings("required_claims", ())
             bind = self.bind(section, pattern)
             claims = self.route_claims(section)
+            sources = self.sources(section, None) if section.raw("sources") is not None else None
+            for s_index, source in enumerate(sources or ()):
+                if source.kind == "header" and source.name.replace("_", "-") in managed:
+                    section.problem(
+                        f"sources[{s_index}]", "names a header the proxy sets (identity_headers)"
+                    )
             upstream = section.optional_string("upstream")
             if upstream is not None and upstream not in upstreams:
                 section.problem("upstream", "names an unknown upstream")
@@ -833,6 +852,7 @@ class _Builder:
                     bind=bind,
                     upstream=upstream,
                     claims=claims,
+                    sources=tuple(sources) if sources else None,
                 )
             )
         return routes

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any, Final
 from urllib.parse import unquote
 
-from .config import Config, Route
+from .config import Config, Route, Source
 from .errors import Reason, Rejection
 from .model import RequestView
 from .routing import Target, split_target
@@ -122,13 +122,14 @@ async def decide(
         if view.method == "OPTIONS" and config.preflight == "pass" and is_preflight(view):
             note(trace, "preflight", True, "CORS preflight passes without a token")
             return Decision(target, route)
-        found = extract_token(view, config.token.sources)
+        sources = token_sources(route, config)
+        found = extract_token(view, sources)
         if found is None:
             if route is not None and route.auth == "optional":
                 note(trace, "token", True, "none; the route's auth is optional")
                 return Decision(target, route)
             note(trace, "token", False, "none found")
-            raise Rejection(Reason.MISSING, "no token in " + _sources(config))
+            raise Rejection(Reason.MISSING, "no token in " + ", ".join(s.label for s in sources))
         if trace is not None:
             trace.append(("token", True, "found in " + found.source.label))
         verified = verifier.cached(found.token, now, trace) or await verifier.verify_fresh(
@@ -225,5 +226,8 @@ def _request_value(
     return values[0] if len(values) == 1 else None
 
 
-def _sources(config: Config) -> str:
-    return ", ".join(s.label for s in config.token.sources)
+def token_sources(route: Route | None, config: Config) -> tuple[Source, ...]:
+    """Step 3: where a request's token may be: the route's sources, else token.sources."""
+    if route is not None and route.sources is not None:
+        return route.sources
+    return config.token.sources

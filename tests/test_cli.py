@@ -361,6 +361,19 @@ def test_inspect_shows_the_route_claims_step(tmp_path: Path) -> None:
     assert {"step": "claim roles", "ok": True, "detail": "roles matches a listed value"} in steps
 
 
+def test_inspect_uses_the_route_sources(tmp_path: Path) -> None:
+    routes = [{"path": "/ws/*", "sources": ["query:access_token"]}, {"path": "/*"}]
+    config = write_config(tmp_path, {**APPS, "routes": routes})
+    token = mint(ttl=60, **claims())
+    ws = run("inspect", "--config", str(config), "--path", "/ws/chat", "--json", token, env=ENV)
+    assert ws.returncode == 0, ws.stdout
+    steps = json.loads(ws.stdout)["steps"]
+    assert {"step": "token", "ok": True, "detail": "found in query:access_token"} in steps
+    other = run("inspect", "--config", str(config), "--path", "/api", "--json", token, env=ENV)
+    assert other.returncode == 0
+    assert "found in header:Authorization" in other.stdout
+
+
 # --- The demo's curl lines work as printed ------------------------------------------------------
 
 

@@ -247,6 +247,36 @@ RULES = [
         id="route-claims-empty-name",
     ),
     pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/a", "sources": ["header:X-T", "form:token"]}]},
+        "routes[0].sources[1]",
+        "kind",
+        id="route-sources-unknown-kind",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/a", "sources": ["query:"]}]},
+        "routes[0].sources[0]",
+        "valid name",
+        id="route-sources-no-name",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/a", "sources": []}]},
+        "routes[0].sources",
+        "at least one source",
+        id="route-sources-empty",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/a", "sources": ["query:t", "query:t"]}]},
+        "routes[0].sources[1]",
+        "twice",
+        id="route-sources-twice",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "routes": [{"path": "/a", "sources": ["header:X-Auth-User-Id"]}]},
+        "routes[0].sources[0]",
+        "identity",
+        id="route-source-is-an-identity-header",
+    ),
+    pytest.param(
         lambda k: {**BASE, "token": {"sources": ["form:token"]}},
         "token.sources[0]",
         "kind",

@@ -375,3 +375,31 @@ async def test_route_claims_run_on_cache_hits() -> None:
     with pytest.raises(Rejection) as raised:
         await decide(view("GET", "/nested/a", token), config, shared, time.time())
     assert raised.value.reason.value == "route_claim_mismatch"
+
+
+# --- Step 3: a route's own token sources -------------------------------------------------------
+
+SOURCED = {
+    "routes": [
+        {"path": "/ws/*", "sources": ["query:access_token", "cookie:jwt"]},
+        {"path": "/*"},
+    ]
+}
+
+
+async def test_a_route_takes_its_token_from_its_own_sources() -> None:
+    config = build(SOURCED)
+    token = mint(SECRET, appId="TR21063826")
+    by_query = await run(config, view("GET", f"/ws/chat?access_token={token}"))
+    assert isinstance(by_query, Decision)
+    assert by_query.found is not None and by_query.found.source.label == "query:access_token"
+    by_cookie = await run(config, view("GET", "/ws/chat", Cookie=f"jwt={token}"))
+    assert isinstance(by_cookie, Decision) and by_cookie.verified is not None
+    # the route's sources replace token.sources there, and open nothing elsewhere
+    header_on_ws = await run(config, view("GET", "/ws/chat", token))
+    assert isinstance(header_on_ws, Rejection) and header_on_ws.reason.value == "missing"
+    assert "query:access_token" in header_on_ws.detail
+    query_elsewhere = await run(config, view("GET", f"/api?access_token={token}"))
+    assert isinstance(query_elsewhere, Rejection) and query_elsewhere.reason.value == "missing"
+    both = await run(config, view("GET", f"/ws/x?access_token={token}", Cookie=f"jwt={token}"))
+    assert isinstance(both, Rejection) and both.reason.value == "multiple_tokens"

@@ -1020,6 +1020,31 @@ async def test_forward_token_false_removes_it_from_where_it_came(
     assert token not in json.dumps([header, query, cookie])
 
 
+async def test_route_sources_open_the_query_only_where_listed(
+    proxy_for: ProxyFactory, upstream: Any
+) -> None:
+    proxy = await proxy_for(
+        {
+            "forward": {"token": False},
+            "routes": [{"path": "/ws/*", "sources": ["query:access_token"]}, {"path": "/*"}],
+        }
+    )
+    token = proxy.token()
+    allowed = await proxy.get(f"/ws/chat?a=1&access_token={token}&b=2")
+    assert allowed.status == 200
+    seen = await allowed.json()
+    assert seen["target"] == "/ws/chat?a=1&b=2"  # forward.token false: removed from the query
+    assert seen["headers"]["X-Auth-App-Id"] == "app-1"
+    header = await proxy.get("/ws/chat", token=token)
+    assert (header.status, (await header.json())["error"]["reason"]) == (401, "missing")
+    elsewhere = await proxy.get(f"/api?access_token={token}")
+    assert (elsewhere.status, (await elsewhere.json())["error"]["reason"]) == (401, "missing")
+    plain = await proxy.get("/api", token=token)
+    assert plain.status == 200
+    assert "Authorization" not in (await plain.json())["headers"]
+    assert token not in json.dumps(upstream.seen)
+
+
 async def test_case_insensitive_paths_match_but_keep_case(proxy_for: ProxyFactory) -> None:
     routes = [
         {"path": "/admin/*", "apps": ["other"]},
