@@ -17,168 +17,27 @@ is a decoded or mis-framed one. nginx answers `seen <target>` (an inner server b
 from __future__ import annotations
 
 import asyncio
-import getpass
 import gzip
 import hashlib
-import json
-import os
 import random
-import shutil
 import socket
-import subprocess
-import time
 import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import pytest
 
-from tests.conftest import ProxyFactory, RunningProxy, free_port
-
-NGINX = shutil.which("nginx") or ("/usr/sbin/nginx" if os.path.exists("/usr/sbin/nginx") else None)
-
-# What nginx writes for each request it parsed: one JSON object a line.
-_FIELDS = {
-    "request": "$request",  # the raw request line as nginx read it
-    "content_length": "$content_length",
-    "request_length": "$request_length",  # head + body bytes read
-    "body_file": "$request_body_file",  # the body as nginx read it (kept on disk)
-    "status": "$status",
-    "te": "$http_transfer_encoding",
-    "content_encoding": "$http_content_encoding",
-    "expect": "$http_expect",
-    "upgrade": "$http_upgrade",
-    "http2_settings": "$http_http2_settings",
-    "accept": "$http_accept",
-    "accept_encoding": "$http_accept_encoding",
-    "user_agent": "$http_user_agent",
-    "x_original_url": "$http_x_original_url",
-    "x_rewrite_url": "$http_x_rewrite_url",
-    "x_real_ip": "$http_x_real_ip",
-    "user_id": "$http_x_auth_user_id",
-    "connection": "$connection",
-}
-_LOG_FORMAT = "{" + ",".join(f'"{k}":"{v}"' for k, v in _FIELDS.items()) + "}"
-
-
-def _nginx_conf(directory: Path, port: int, inner: int) -> str:
-    user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""  # root: workers stay root
-    return f"""
-{user}
-daemon off;
-worker_processes 1;
-pid {directory}/nginx.pid;
-error_log {directory}/error.log info;
-events {{ worker_connections 512; }}
-http {{
-    client_body_temp_path {directory}/body 1 2;
-    proxy_temp_path {directory}/proxy;
-    fastcgi_temp_path {directory}/fastcgi;
-    uwsgi_temp_path {directory}/uwsgi;
-    scgi_temp_path {directory}/scgi;
-    log_format seen escape=json '{_LOG_FORMAT}';
-    keepalive_requests 100000;
-    server {{
-        listen 127.0.0.1:{port};
-        access_log {directory}/access.log seen;
-        client_body_in_file_only on;  # every body read is kept: the test reads it back
-        client_max_body_size 0;
-        location / {{ proxy_pass http://127.0.0.1:{inner}; }}
-    }}
-    server {{
-        listen 127.0.0.1:{inner};
-        access_log off;
-        location / {{ return 200 "seen $request_uri\\n"; }}
-    }}
-}}
-"""
-
-
-@dataclass
-class Seen:
-    """One request nginx parsed, as its access log tells."""
-
-    fields: dict[str, str]
-
-    @property
-    def request(self) -> str:
-        return self.fields["request"]
-
-    def __getitem__(self, name: str) -> str:
-        return self.fields[name]
-
-
-@dataclass
-class Nginx:
-    url: str
-    directory: Path
-    process: subprocess.Popen[bytes]
-
-    @property
-    def log(self) -> Path:
-        return self.directory / "access.log"
-
-    def mark(self) -> int:
-        return self.log.stat().st_size if self.log.exists() else 0
-
-    def _read(self, mark: int) -> list[Seen]:
-        if not self.log.exists():
-            return []
-        with self.log.open("rb") as file:
-            file.seek(mark)
-            text = file.read().decode()
-        complete = text[: text.rfind("\n") + 1]  # a line being written is read next time
-        return [Seen(json.loads(line)) for line in complete.splitlines() if line]
-
-    async def lines_since(self, mark: int, expect: int, settle: float = 0.3) -> list[Seen]:
-        """The lines logged since `mark`: wait for `expect` of them, then `settle` for more."""
-        deadline = time.monotonic() + 5
-        # a file, not an event: nginx is another process
-        while len(self._read(mark)) < expect and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.02)
-        await asyncio.sleep(settle)
-        return self._read(mark)
-
-    def body(self, seen: Seen) -> bytes:
-        path = seen["body_file"]
-        return Path(path).read_bytes() if path else b""
+from tests.conftest import ProxyFactory, RunningProxy
+from tests.nginx import NGINX, Nginx, Seen, start_nginx
 
 
 @pytest.fixture(scope="session")
 def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:
     if NGINX is None:
         pytest.skip("nginx is not installed (.ci/run installs Debian's nginx package)")
-    directory = tmp_path_factory.mktemp("nginx")
-    if os.geteuid() == 0:  # the workers run as the user: let them write their files
-        directory.chmod(0o777)
-    port, inner = free_port(), free_port()
-    conf = directory / "nginx.conf"
-    conf.write_text(_nginx_conf(directory, port, inner))
-    errors = directory / "error.log"
-    process = subprocess.Popen(
-        [NGINX, "-p", str(directory), "-c", str(conf), "-e", str(errors)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            break
-        except OSError:
-            if process.poll() is not None or time.monotonic() > deadline:
-                process.kill()
-                process.wait()
-                pytest.fail(f"nginx did not start: {errors.read_text()[-500:]}")
-            time.sleep(0.05)
-    yield Nginx(f"http://127.0.0.1:{port}", directory, process)
-    process.terminate()
-    try:
-        process.wait(5)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
+    server = start_nginx(tmp_path_factory.mktemp("nginx"))
+    yield server
+    server.stop()
 
 
 ROUTES = [
