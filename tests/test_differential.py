@@ -514,7 +514,6 @@ async def test_http10_keep_alive(front: RunningProxy, nginx: Nginx) -> None:
         pytest.param(
             b"GET /open/v HTTP/1.1\r\nHost: a\r\nX: a\x00b\r\n\r\n", (400,), id="nul-in-header"
         ),
-        pytest.param(b"GET /open/v HTTP/1.1\r\nHost: a\r\n folded\r\n\r\n", (400,), id="obs-fold"),
     ],
 )
 async def test_unreadable_request_lines_reach_nothing(
