@@ -141,7 +141,7 @@ class Nginx:
         complete = text[: text.rfind("\n") + 1]  # a line being written is read next time
         return [Seen(json.loads(line)) for line in complete.splitlines() if line]
 
-    async def lines_since(self, mark: int, expect: int, settle: float = 0.3) -> list[Seen]:
+    async def lines_since(self, mark: int, expect: int, settle: float = 0.2) -> list[Seen]:
         """The lines logged since `mark`: wait for `expect` of them, then `settle` for more."""
         deadline = time.monotonic() + 5
         # a file, not an event: nginx is another process

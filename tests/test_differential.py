@@ -230,7 +230,7 @@ async def test_ambiguous_length_is_400_and_reaches_nothing(
     assert [a.status for a in answers][:1] in ([400], [501])
     assert len(answers) == 1  # the connection is closed: nothing after it is read as a request
     assert b"smuggled" not in answers[0].body
-    assert await nginx.lines_since(mark, expect=0, settle=0.5) == []
+    assert await nginx.lines_since(mark, expect=0, settle=0.3) == []
 
 
 async def test_length_2_to_the_64_does_not_eat_the_next_users_request(
@@ -323,7 +323,7 @@ async def test_malformed_chunks_never_smuggle(
         head("POST", "/open/badchunk", "Transfer-Encoding: chunked") + wire + SMUGGLED,
         2,
     )
-    seen = await nginx.lines_since(mark, expect=0, settle=0.8)
+    seen = await nginx.lines_since(mark, expect=0, settle=0.5)
     _assert_no_stranger(seen, {"POST /open/badchunk HTTP/1.1"})
     assert len(seen) <= 1
     assert all(b"smuggled" not in a.body for a in answers)
@@ -368,7 +368,7 @@ async def test_expect_continue_rejected_reads_no_body(front: RunningProxy, nginx
         assert await client.closed()
     finally:
         client.close()
-    assert await nginx.lines_since(mark, expect=0, settle=0.5) == []
+    assert await nginx.lines_since(mark, expect=0, settle=0.3) == []
 
 
 @pytest.mark.parametrize("expect", [True, False], ids=["expect", "no-expect"])
@@ -524,7 +524,7 @@ async def test_unreadable_request_lines_reach_nothing(
     mark = nginx.mark()
     answers = await exchange(front, line, 1)
     assert answers and answers[0].status in statuses
-    assert await nginx.lines_since(mark, expect=0, settle=0.5) == []
+    assert await nginx.lines_since(mark, expect=0, settle=0.3) == []
 
 
 async def test_upgrade_h2c_is_a_plain_request(front: RunningProxy, nginx: Nginx) -> None:
@@ -659,4 +659,4 @@ async def test_path_tricks_reach_nothing(front: RunningProxy, nginx: Nginx, targ
     answers = await exchange(front, head("GET", target, "Connection: close"), 1)
     assert answers and answers[0].status in (400, 401)
     assert answers[0].status != 500
-    assert await nginx.lines_since(mark, expect=0, settle=0.4) == []
+    assert await nginx.lines_since(mark, expect=0, settle=0.3) == []
