@@ -29,7 +29,7 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from . import jwk
 from .errors import ConfigError, Problem
 from .routing import PathPattern
-from .yamlconf import Section, as_number, as_string, join, load_yaml, substitute
+from .yamlconf import Section, Substituted, as_number, as_string, join, load_yaml, substitute
 
 TOKEN_SERVICE_APP = "token-service"  # noqa: S105 - an app id, not a password
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -297,7 +297,7 @@ class _Builder:
     def read_file(self, section: Section, key: str, value: str) -> bytes | None:
         try:
             return self.path(value).read_bytes()
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a NUL in the path
             section.problem(key, "file cannot be read")
             return None
 
@@ -376,7 +376,7 @@ class _Builder:
         context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         try:
             context.load_cert_chain(self.path(cert), self.path(key))
-        except (OSError, ssl.SSLError):
+        except (OSError, ssl.SSLError, ValueError):
             section.problem("", "cert_file and key_file must be a readable PEM certificate and key")
             return None
         return Tls(str(self.path(cert)), str(self.path(key)))
@@ -396,7 +396,7 @@ class _Builder:
         if ca_file is not None:
             try:
                 ssl.create_default_context().load_verify_locations(self.path(ca_file))
-            except (OSError, ssl.SSLError):
+            except (OSError, ssl.SSLError, ValueError):
                 section.problem("ca_file", "is not a readable PEM CA bundle")
         if url is None:
             return None
@@ -431,11 +431,12 @@ class _Builder:
                 section.problem("url", "unix: needs a socket path (unix:/path/to.sock)")
                 return None
             return "unix", "localhost", 0, str(self.path(socket)), ""
-        parts = urlsplit(url)
         try:
+            parts = urlsplit(url)
             port = parts.port
-        except ValueError:
-            port = -1
+        except ValueError:  # not a URL at all ("http://[::1"), or a bad port
+            section.problem("url", "must be http://HOST[:PORT][/PATH], https://… or unix:/PATH")
+            return None
         if (
             parts.scheme not in ("http", "https")
             or not parts.hostname
@@ -720,7 +721,11 @@ class _Builder:
         for index, value in enumerate(values or ()):
             key = f"secrets[{index}]"
             if encoding == "raw":
-                secret = value.encode("utf-8")
+                try:
+                    secret = value.encode("utf-8")
+                except UnicodeEncodeError:  # a non-UTF-8 byte from the environment
+                    section.problem(key, "is not valid UTF-8 text")
+                    continue
             else:
                 try:
                     secret = _b64decode(value)
@@ -814,7 +819,11 @@ class _Builder:
                 try:
                     pattern = PathPattern.compile(pattern_text, ignore_case)
                 except ValueError as error:
-                    section.problem("path", str(error))
+                    # the message may quote the pattern: never a value from ${VAR} substitution
+                    substituted = isinstance(section.raw("path"), Substituted)
+                    section.problem(
+                        "path", "is not a valid route pattern" if substituted else str(error)
+                    )
             methods = section.strings("methods", None)
             if methods is not None:
                 for m_index, method in enumerate(methods):
@@ -908,8 +917,8 @@ class _Builder:
         issuer = section.string("issuer")
         if issuer is not None:
             problem = jwks_url_problem(issuer, what="issuer")
-            parts = urlsplit(issuer)
-            if problem or parts.path not in ("", "/") or parts.query or parts.fragment:
+            parts = urlsplit(issuer) if problem is None else None
+            if parts is None or parts.path not in ("", "/") or parts.query or parts.fragment:
                 section.problem("issuer", "must be an https URL without a path (http: loopback)")
             issuer = issuer.rstrip("/")
         signing: list[SigningKey] = []
@@ -993,7 +1002,10 @@ def _listen(value: Any) -> Listen:
 
 def jwks_url_problem(url: str, what: str = "jwks_url") -> str | None:
     """Why `url` may not be fetched (https only, http for loopback), or None."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL at all ("https://[x")
+        parts = urlsplit("")
     if parts.scheme == "https" and parts.hostname:
         return None
     if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
