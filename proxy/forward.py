@@ -112,8 +112,10 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.pool.forget(self)
         if not self.complete:
-            if self.head.done() and not self._framed():
-                self.on_message_complete()  # a body delimited by the connection's close
+            if self.head.done() and exc is None and not self._framed():
+                # A body delimited by the connection's close ends with a clean close; a reset
+                # cuts it, and the client must see the cut, not a shorter complete body.
+                self.on_message_complete()
             else:
                 self._fail(exc or ConnectionResetError("upstream closed the connection"))
         self._can_write.set()
