@@ -45,6 +45,10 @@ from .websocket import WebSocketClients, is_websocket, relay
 ServiceHandler = Callable[[web.BaseRequest], Awaitable[tuple[web.StreamResponse, str]]]
 # The access-log outcome of a token-service request (not a proxied one: not in requests_total).
 SERVICE_OUTCOME: Final = "token_service"
+# The logged status of a request whose client left before any answer (nginx's 499), and its
+# outcome when it left before the decision was made.
+CLIENT_CLOSED: Final = 499
+CLIENT_CLOSED_OUTCOME: Final = "client_closed"
 
 
 class ErrorBodies:
@@ -315,24 +319,29 @@ class Proxy:
                     error=traffic.broken,
                 )
             status = response.status if response is not None else traffic.status
-            if status is not None:  # an answer went out (the handler may be cancelled since)
-                elapsed = perf_counter() - started
-                if outcome != SERVICE_OUTCOME:
-                    metrics.request(outcome, reason, app, elapsed)
-                if traffic.upstream_seconds is not None:
-                    metrics.upstream(_upstream_name(decided), traffic.upstream_seconds)
-                if config.access_log:
-                    self._access(
-                        request,
-                        decided,
-                        rid,
-                        status,
-                        reason,
-                        app,
-                        outcome,
-                        elapsed,
-                        traffic,
-                    )
+            if status is None:
+                # No answer went out: the client left (aiohttp cancelled the handler) before
+                # one. Still one access line and one count, as nginx logs its 499.
+                status = CLIENT_CLOSED
+                if not isinstance(decided, Decision) and outcome != SERVICE_OUTCOME:
+                    outcome = CLIENT_CLOSED_OUTCOME  # left while the decision was pending
+            elapsed = perf_counter() - started
+            if outcome != SERVICE_OUTCOME:
+                metrics.request(outcome, reason, app, elapsed)
+            if traffic.upstream_seconds is not None:
+                metrics.upstream(_upstream_name(decided), traffic.upstream_seconds)
+            if config.access_log:
+                self._access(
+                    request,
+                    decided,
+                    rid,
+                    status,
+                    reason,
+                    app,
+                    outcome,
+                    elapsed,
+                    traffic,
+                )
         return response
 
     def forward(

@@ -483,7 +483,15 @@ async def test_jwks_hanging_then_garbage_then_flapping(
     await asyncio.gather(*(expect(unknown, 401, "unknown_kid") for _ in range(5)))
     assert len(jwks.heads) == heads + 1
     await expect(good, 200)
+    # a client that leaves while its decision waits for a hanging fetch is logged and counted
+    _, writer = await connect(proxy.url)
+    writer.write(request_head("GET", "/x", rs256("k-other")))
+    await asyncio.sleep(0.2)
+    writer.transport.abort()
+    await asyncio.sleep(0.5)  # the fetch times out meanwhile
+    sent["client_closed"] += 1
     await books_balance(proxy, sent)
+    assert access_lines(proxy)[-1]["status"] == 499
 
 
 # --- SIGHUP every 100 ms under load, against `token-proxy serve` ------------------------------
@@ -631,3 +639,6 @@ async def test_clients_leaving_mid_stream_leak_nothing(
     await settled(pool)
     assert len(pool.idle) <= 3
     await books_balance(proxy, Counter({"forwarded": len(leavers) + 3}))
+    # who left before any answer is logged as nginx logs it: 499
+    statuses = Counter(line["status"] for line in access_lines(proxy))
+    assert statuses == Counter({200: 3 + 4, 499: 3})
