@@ -81,11 +81,11 @@ class RawServer:
         self.tasks.add(task)
         try:
             await self.behave(self, reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
+        except (ConnectionError, asyncio.IncompleteReadError, asyncio.CancelledError):
+            pass  # (a cancelled handler would be logged as an error by asyncio's streams)
         finally:
             self.tasks.discard(task)
-            writer.close()
+            await hang_up(writer)
 
     async def read_head(self, reader: asyncio.StreamReader) -> bytes:
         head = await reader.readuntil(b"\r\n\r\n")
@@ -99,13 +99,22 @@ class RawServer:
         self.closed_by_peer += 1
 
     async def close(self) -> None:
-        for task in list(self.tasks):
+        tasks = list(self.tasks)
+        for task in tasks:
             task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
         if self.server is not None:
             self.server.close()
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(2):
                     await self.server.wait_closed()
+
+
+async def hang_up(writer: asyncio.StreamWriter) -> None:
+    """Close a connection and wait until its socket is closed (no ResourceWarning later)."""
+    writer.close()
+    with contextlib.suppress(ConnectionError, asyncio.CancelledError):
+        await writer.wait_closed()
 
 
 def reset(writer: asyncio.StreamWriter) -> None:
@@ -131,8 +140,21 @@ def host_port(url: str) -> tuple[str, int]:
     return host, int(port)
 
 
+_OPEN: list[asyncio.StreamWriter] = []  # client connections, closed after each test
+
+
 async def connect(url: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.open_connection(*host_port(url))
+    reader, writer = await asyncio.open_connection(*host_port(url))
+    _OPEN.append(writer)
+    return reader, writer
+
+
+@pytest.fixture(autouse=True)
+async def _close_clients() -> AsyncIterator[None]:
+    """A failed assertion must not leave a socket to warn in some later test."""
+    yield
+    while _OPEN:
+        await hang_up(_OPEN.pop())
 
 
 def request_head(method: str, path: str, token: str | None = None, **headers: str) -> bytes:
@@ -259,7 +281,7 @@ async def test_upstream_reset_mid_request_body_is_a_502(
     assert "x-request-id" in answer.headers
     # the client's unsent body is not waited for: the connection is closed
     assert await closes(reader, 3), "the connection stayed open for the rest of the body"
-    writer.close()
+    await hang_up(writer)
     assert len(up.heads) == 1
     await settled(pool_of(proxy))
     assert not pool_of(proxy).idle
@@ -291,7 +313,7 @@ async def test_upstream_reset_mid_response_body_cuts_the_client(
     reader, writer = await connect(proxy.url)
     writer.write(request_head("GET", "/download", proxy.token(), X_Request_Id="cut-1"))
     answer = await read_answer(reader)
-    writer.close()
+    await hang_up(writer)
     assert answer.status == 200
     assert answer.eof, "the proxy kept the connection open after the upstream broke"
     if framing == "content-length":
@@ -326,7 +348,7 @@ async def test_upstream_that_never_answers_is_a_504(
         assert answer.status == 504
         assert answer.json()["error"]["reason"] == "upstream_timeout"
         assert 0.45 <= elapsed < 3, elapsed
-        writer.close()
+        await hang_up(writer)
     # the proxy gave up on both upstream connections and closed them
     for _ in range(100):
         if up.closed_by_peer == 2:
@@ -364,8 +386,8 @@ async def test_stray_upstream_bytes_never_reach_the_next_client(
     bodies = []
     for _ in range(3):
         response = await proxy.get("/x", token=proxy.token())
-        assert "X-Stray" not in response.headers
         bodies.append(await response.read())
+        assert "X-Stray" not in response.headers
         await asyncio.sleep(0.3)
     assert bodies == [b"ok", b"ok", b"ok"]
     assert up.accepted == 3  # each connection that carried a stray answer was closed
