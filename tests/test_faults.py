@@ -33,8 +33,10 @@ import jwt
 import pytest
 import yaml
 
+from proxy.config import load
 from proxy.forward import UpstreamPool
 from tests.conftest import (
+    BASE_APPS,
     OTHER_SECRET,
     SECRET,
     SECRET_B64,
@@ -44,6 +46,7 @@ from tests.conftest import (
     Upstream,
     mint,
     parse_head,
+    write_config,
 )
 from tests.test_lifecycle import OTHER_B64, Served, served  # noqa: F401 - a fixture
 
@@ -607,6 +610,41 @@ async def test_sighup_every_100ms_under_load(
     assert await proxy.stop() == 0
     lines = [line for line in proxy.lines if line.get("event") == "request"]
     assert Counter(line["outcome"] for line in lines) == sent
+
+
+async def test_a_reload_retires_the_old_pool_without_keeping_its_connections(
+    proxy_for: ProxyFactory, upstream: Upstream, tmp_path: Path
+) -> None:
+    """Connections busy across a reload must close when done, not idle in a dead pool."""
+    proxy = await proxy_for({"upstream": {"url": upstream.url, "timeout": 30}})
+    old = pool_of(proxy)
+    token = proxy.token()
+
+    async def slow() -> int:
+        response = await proxy.get("/slow?s=0.5", token=token)
+        await response.read()
+        return response.status
+
+    in_flight = [asyncio.ensure_future(slow()) for _ in range(4)]
+    for _ in range(100):
+        if old.active == 4:
+            break
+        await asyncio.sleep(0.02)
+    assert old.active == 4
+    data = {"upstream": {"url": upstream.url, "timeout": 31}, "apps": BASE_APPS}
+    config = load(str(write_config(tmp_path, {**data, "admin_listen": None}, "new.yaml")), env={})
+    proxy.proxy.swap(await proxy.proxy.resources.prepare(config))
+    new = pool_of(proxy)
+    assert new is not old
+    assert await asyncio.gather(*in_flight) == [200] * 4  # in flight: not disturbed
+    await settled(old)
+    assert not old.idle, "connections kept in a pool no request will ever use"
+    response = await proxy.get("/x", token=token)
+    assert response.status == 200
+    await response.read()
+    await settled(new)
+    assert len(new.idle) == 1
+    await books_balance(proxy, Counter({"forwarded": 5}))
 
 
 # --- Clients that leave ------------------------------------------------------------------------
