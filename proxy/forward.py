@@ -334,6 +334,7 @@ class UpstreamPool:
         # 2% of the request path.
         self.awaiting: dict[_Connection, float] = {}
         self._watch: asyncio.TimerHandle | None = None
+        self.retired = False  # closed: a reload dropped this upstream
         self.ssl: ssl.SSLContext | None = None
         if upstream.scheme == "https":
             self.ssl = ssl.create_default_context()
@@ -345,6 +346,9 @@ class UpstreamPool:
             self.idle.remove(connection)
 
     def put(self, connection: _Connection) -> None:
+        if self.retired:  # no request will take it from here: close it, not keep it open
+            connection.close()
+            return
         connection._reset()
         connection.pooled = True
         self.idle.append(connection)
@@ -474,6 +478,7 @@ class UpstreamPool:
 
     def close(self) -> None:
         # The watch stays: heads still awaited on a retired pool (a reload) keep their timeout.
+        self.retired = True
         while self.idle:
             self.idle.pop().close()
 
