@@ -671,7 +671,8 @@ FOLDED_IDENTITY = {
     name.lower().replace("_", "-") for name in [*(n for n, _ in IDENTITY), CLAIMS_HEADER]
 }
 MANAGED = {"host", "expect", "content-length", "x-forwarded-for", "x-forwarded-proto",
-           "x-forwarded-host", "x-request-id"}  # fmt: skip
+           "x-forwarded-host", "x-request-id", "x-real-ip", "x-original-url",
+           "x-rewrite-url"}  # fmt: skip
 OTHER_NAMES = ["Accept", "X-Custom", "Cookie", "Authorization", "User-Agent", "X-Auth", "X-Auth-",
                "X-Auth-User-Idx", "Tenant", "Content-Type", "Date", "X-Private",
                "Upgrade-Insecure"]  # fmt: skip
@@ -775,6 +776,7 @@ def test_no_identity_header_survives_in_any_spelling(
     forwarded_for = [v for n, v in raw if n.lower() == b"x-forwarded-for"]
     proxy_set += [
         (b"X-Forwarded-For", b", ".join([*forwarded_for, b"10.0.0.7"])),
+        (b"X-Real-IP", b"10.0.0.7"),
         (b"X-Forwarded-Proto", b"http"),
         (b"X-Forwarded-Host", b"client.example"),
         (b"X-Request-Id", b"rid-1"),
