@@ -18,16 +18,12 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
-
-from multidict import CIMultiDict
 
 from . import __version__
-from .config import Config, Source, default_path, load
-from .errors import CONTRACT, ConfigError, Rejection
+from .config import Config, default_path, load
+from .errors import ConfigError
 from .metrics import Metrics
 from .mint import MintError, claim_value, keygen, mint
-from .model import RequestView
 from .runtime import STATUS_ENV, Overrides, Runtime, load_with_overrides
 from .telemetry import Log
 
@@ -207,25 +203,12 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0 if result["forwarded"] else 1
 
 
-def _inspect_source(config: Config, method: str, target: str) -> Source:
-    """Where `inspect` puts the token: the first source of the route the request would take
-    (token.sources when none matches, or when the path or method is rejected before step 3)."""
-    from .decision import match_route, token_sources
-    from .routing import split_target
-
-    try:
-        route, _ = match_route(config.routes, method, split_target(target, "localhost").match)
-    except Rejection:
-        route = None  # the decision rejects the request before it looks for a token
-    return token_sources(route, config)[0]
-
-
 async def inspect_token(
     config: Config, token: str, method: str, path: str, offline: bool
 ) -> dict[str, Any]:
     """Run the proxy's own decision on one token and collect each step."""
     from .app import Resources
-    from .decision import decide
+    from .decision import explain
 
     resources = Resources(Metrics(), Log(io.StringIO()))
     steps: list[tuple[str, bool, str]] = []
@@ -234,33 +217,9 @@ async def inspect_token(
             for key in ("jwks_url", "discovery_url"):
                 if getattr(app, key):
                     steps.append(("offline", True, f"app {app.id}: {key} not fetched"))
-    state = await resources.prepare(config, fetch=not offline)
-    headers: CIMultiDict[str] = CIMultiDict(Host="localhost")
-    target = path if path.startswith("/") else "/" + path
-    source = _inspect_source(config, method.upper(), target)
-    if source.kind == "header":
-        headers[source.name] = ("Bearer " + token) if source.name == "authorization" else token
-    elif source.kind == "query":
-        target += ("&" if "?" in target else "?") + f"{quote(source.name)}={quote(token)}"
-    else:
-        headers["Cookie"] = f"{source.name}={token}"
-    view = RequestView(method.upper(), target, headers, "127.0.0.1")
-    result: dict[str, Any] = {"forwarded": True, "status": None, "code": None, "reason": None}
     try:
-        decision = await decide(view, config, state.verifier, time.time(), steps)
-        result["app"] = decision.app or None
-    except Rejection as rejection:
-        outcome = CONTRACT[rejection.reason]
-        steps.append(("decision", False, rejection.detail))
-        result.update(
-            forwarded=False,
-            status=outcome.status,
-            code=outcome.code,
-            name=outcome.name,
-            reason=rejection.reason.value,
-            app=rejection.app or None,
-        )
+        state = await resources.prepare(config, fetch=not offline)
+        explanation = await explain(config, state.verifier, token, method, path, time.time(), steps)
     finally:
         await resources.close()
-    result["steps"] = [{"step": s, "ok": ok, "detail": d} for s, ok, d in steps]
-    return result
+    return explanation.summary()

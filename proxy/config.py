@@ -232,6 +232,7 @@ class Config:
     token_service: TokenService | None
     limits: Limits = Limits()
     server_header: str | None = "token-proxy"  # on the proxy's own answers; None: no Server
+    dev_console: bool = False  # /console on the admin listener (SPEC §12): see _dev_console()
 
     @property
     def jwks_urls(self) -> tuple[str, ...]:
@@ -243,6 +244,7 @@ _TOP = (
     "upstreams token forward errors apps routes preflight token_service"
 ).split()
 _TOP += ["limits", "server_header"]
+_TOP += ["dev_console"]
 
 
 def default_path() -> str:
@@ -332,6 +334,7 @@ class _Builder:
         server_header = root.field(
             "server_header", _server_header, "a string or null", "token-proxy"
         )
+        dev_console = _dev_console(root, admin)
         if self.problems:
             return None
         if not (listen and upstream and token and forward and errors and level):
@@ -357,6 +360,7 @@ class _Builder:
             token_service=service,
             limits=limits,
             server_header=server_header,
+            dev_console=dev_console,
         )
 
     def limits(self, root: Section) -> Limits:
@@ -1011,6 +1015,22 @@ def jwks_url_problem(url: str, what: str = "jwks_url") -> str | None:
     if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
         return None
     return f"{what} must be https (http only for 127.0.0.0/8, ::1, localhost)"
+
+
+# --- dev_console (SPEC §12) -------------------------------------------------------------------
+
+
+def _dev_console(root: Section, admin: Listen | None) -> bool:
+    """`dev_console`: true only with a loopback `admin_listen`, since the console mints tokens
+    for every HS* app (and null would serve it nowhere)."""
+    enabled = bool(root.boolean("dev_console", False))
+    if enabled and (admin is None or not is_loopback(admin.host)):
+        # (the admin_listen value is not echoed: it may have come from ${VAR} substitution)
+        root.problem(
+            "dev_console",
+            "needs a loopback admin_listen (127.0.0.1, ::1 or localhost): the console mints tokens",
+        )
+    return enabled
 
 
 def is_loopback(host: str) -> bool:

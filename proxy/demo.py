@@ -2,8 +2,9 @@
 
     asyncio.run(run_demo(port=8080))   # prints ready curl lines, serves until Ctrl-C
 
-A generated HS256 app (`demo-app`), a route that binds `userId` to the path, and an echo
-upstream that answers with what it received (so the identity headers are visible).
+A generated HS256 app (`demo-app`), a route that binds `userId` to the path, an echo upstream
+that answers with what it received (so the identity headers are visible), and the dev console
+(SPEC §12) on the admin listener.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ from .telemetry import Log
 DEMO_CONFIG = """
 listen: "127.0.0.1:{port}"
 admin_listen: "127.0.0.1:{admin}"
+dev_console: true
 upstream: {{url: "http://127.0.0.1:{upstream}"}}
 apps:
   - id: demo-app
@@ -102,9 +104,8 @@ async def run_demo(port: int = 8080, out: TextIO | None = None) -> int:
             f"http://127.0.0.1:{port + 1}, echo upstream on 127.0.0.1:{upstream_port}",
             file=out,
         )
-        print(
-            "app demo-app (HS256), route /v1/users/{userId}/* binds userId to the path\n", file=out
-        )
+        print("app demo-app (HS256), route /v1/users/{userId}/* binds userId to the path", file=out)
+        print(f"dev console: http://127.0.0.1:{port + 1}/console\n", file=out)
         for line in curl_lines(port, config, time.time()):
             print(line, file=out)
         print("\nCtrl-C stops the demo.", file=out, flush=True)

@@ -31,11 +31,12 @@ from aiohttp import web
 
 from . import __version__
 from .app import Proxy, Resources, State, admin_app
-from .config import Config, Listen, load
+from .config import Config, Listen, is_loopback, load
+from .console import Console
 from .errors import ConfigError
 from .metrics import METRICS_DIR_ENV, RELOADS, Metrics
 from .server import make_server
-from .telemetry import Log
+from .telemetry import Log, Recent
 from .token_service import TokenService
 
 
@@ -148,6 +149,19 @@ class Runtime:
         self._reload_lock = asyncio.Lock()
         self.proxy: Proxy | None = None
         self.tls: ssl.SSLContext | None = None
+        self._console_listen_ok = False  # the admin listener started on a loopback address
+
+    def console_enabled(self) -> bool:
+        """The dev console answers (SPEC §12): on in the config, behind a loopback listener."""
+        proxy = self.proxy
+        return self._console_listen_ok and proxy is not None and proxy.state.config.dev_console
+
+    def _sync_console(self) -> None:
+        """Recent decisions are recorded only while the console is on (nothing kept else)."""
+        if not self.console_enabled():
+            self.log.recent = None
+        elif self.log.recent is None:
+            self.log.recent = Recent()
 
     def readiness(self) -> list[str]:
         """What keeps /readyz from 200: nothing when loaded, keyed and not draining."""
@@ -189,14 +203,18 @@ class Runtime:
         await site.start()
         admin_runner = None
         if self.serve_admin and config.admin_listen is not None:
-            admin_runner = web.AppRunner(
-                admin_app(
-                    self.readiness,
-                    self.metrics.render,
-                    lambda: proxy.state.config.server_header,
-                ),
-                access_log=None,
+            admin = admin_app(
+                self.readiness,
+                self.metrics.render,
+                lambda: proxy.state.config.server_header,
             )
+            # The console's listener is fixed at start: a reload may turn the console off, or on
+            # again, but never on behind a non-loopback admin listener.
+            self._console_listen_ok = is_loopback(config.admin_listen.host)
+            Console(lambda: proxy.state, lambda: self.log.recent, proxy.clock,
+                    self.console_enabled).install(admin)  # fmt: skip
+            self._sync_console()
+            admin_runner = web.AppRunner(admin, access_log=None)
             await admin_runner.setup()
             try:
                 await web.TCPSite(
@@ -278,6 +296,7 @@ class Runtime:
             state: State = await proxy.resources.prepare(config)
             proxy.swap(state)
             self.log.set_level(config.log_level)
+            self._sync_console()
             notes = []
             if config.listen != old.listen or config.admin_listen != old.admin_listen:
                 notes.append("listen and admin_listen changes need a restart")

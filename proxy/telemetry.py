@@ -13,6 +13,7 @@ import asyncio
 import json
 import sys
 import time
+from collections import deque
 from json.encoder import encode_basestring_ascii
 from typing import Any, Final, TextIO
 
@@ -50,6 +51,7 @@ class Log:
         self._pending: list[str] = []
         self._size = 0  # bytes of the pending lines, newlines included
         self._timer: asyncio.TimerHandle | None = None
+        self.recent: Recent | None = None  # the dev console's recorder; None: nothing kept
 
     def set_level(self, level: str) -> None:
         self.threshold = _LEVELS.get(level, 20)
@@ -94,8 +96,11 @@ class Log:
         """
         # No format specs inside the f-string: mypyc would compile it to a slow str.format().
         upstream = "null" if upstream_seconds is None else _milliseconds(upstream_seconds)
+        stamp = self.now()
+        if self.recent is not None:  # the dev console is on (SPEC §12)
+            self.recent.add(stamp, method, path, route, status, outcome, reason, app, seconds)
         self._queue(
-            f'{{"time":"{self.now()}","level":"info","event":"request",'
+            f'{{"time":"{stamp}","level":"info","event":"request",'
             f'"request_id":"{request_id}","method":{_string(method)},'
             f'"path":{_string(path)},"route":{_string(route)},"status":{status},'
             f'"outcome":"{outcome}","reason":"{reason}","app":{_string(app)},'
@@ -131,3 +136,44 @@ class Log:
             self.stream.flush()
         except (OSError, ValueError):  # a closed stdout must not take requests down
             pass
+
+
+class Recent:
+    """The dev console's last requests (SPEC §12), fed by `Log.access`: only the access line's
+    own safe fields, never a token or a claim value; per process, bounded.
+
+        recent = log.recent = Recent()
+        recent.since(0)  # (next cursor, [{"seq", "time", "method", "path", ...}, ...])
+    """
+
+    def __init__(self, size: int = 100) -> None:
+        self.seq = 0  # how many were ever added: the cursor pollers pass back
+        self._lines: deque[tuple[Any, ...]] = deque(maxlen=size)
+
+    def add(
+        self,
+        stamp: str,
+        method: str,
+        path: str,
+        route: str,
+        status: int,
+        outcome: str,
+        reason: str,
+        app: str,
+        seconds: float,
+    ) -> None:
+        # A tuple only: the dicts are built when the console asks, not per request.
+        self.seq += 1
+        self._lines.append((self.seq, stamp, method, path, route, status, outcome, reason, app,
+                            seconds))  # fmt: skip
+
+    def since(self, after: int) -> tuple[int, list[dict[str, Any]]]:
+        """The kept requests added after cursor `after`, oldest first, and the next cursor."""
+        names = ("seq", "time", "method", "path", "route", "status", "outcome", "reason", "app")
+        found = []
+        for line in self._lines:
+            if line[0] > after:
+                entry = dict(zip(names, line, strict=False))
+                entry["duration_ms"] = round(line[9] * 1000, 3)
+                found.append(entry)
+        return self.seq, found
