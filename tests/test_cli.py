@@ -425,6 +425,10 @@ def test_demo_curl_lines_work_as_printed() -> None:
         ready = f"http://127.0.0.1:{port + 1}/readyz"
         with urllib.request.urlopen(ready, timeout=5) as admin:
             assert admin.status == 200
+        console = f"http://127.0.0.1:{port + 1}/console"  # the dev console is on in the demo
+        assert f"dev console: {console}" in lines
+        with urllib.request.urlopen(console, timeout=5) as page:
+            assert page.status == 200 and b"token-proxy dev console" in page.read()
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=30)
