@@ -21,8 +21,10 @@ from time import perf_counter  # a module attribute lookup less, compiled
 from typing import Any, Final
 
 from aiohttp import web
+from multidict import CIMultiDict
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from .authorize import allow_headers, asked_request
 from .config import App, Config, Errors, Upstream
 from .decision import Decision, decide
 from .errors import CONTRACT, Reason, Rejection
@@ -183,8 +185,10 @@ class Resources:
         if implicit is not None:
             keys[implicit.id] = AppKeys(implicit)
         verifier = Verifier(config, keys, metrics=self.metrics, service_app=implicit)
-        named: dict[str | None, Upstream] = {None: config.upstream}
-        named.update(config.upstreams)
+        named: dict[str | None, Upstream] = {}
+        if config.mode != "authorize" and config.upstream is not None:  # authorize: no pools
+            named[None] = config.upstream
+            named.update(config.upstreams)
         upstreams = {name: (up, self._pool(up)) for name, up in named.items()}
         return State(
             config,
@@ -269,6 +273,7 @@ class Proxy:
         response: web.StreamResponse | None = None
         reason = app = ""
         outcome = "forwarded"
+        asked = head.method  # the method logged: in authorize mode, the one asked about
         try:
             if (
                 config.token_service is not None
@@ -279,6 +284,15 @@ class Proxy:
                 response, reason = await self.service(request)
                 response.headers[rid_name] = rid
                 traffic.bytes_out = _body_size(response, head.method)
+                return response
+            if config.mode == "authorize":  # SPEC §10: a gateway asks about another request
+                view = asked_request(config.authorize, head.method, head.path, head.raw_headers,
+                                     peer, self.scheme, request.with_body)  # fmt: skip
+                asked = view.method
+                decided = await decide(view, config, state.verifier, self.clock())
+                app = decided.app
+                response = web.Response(headers=_text(allow_headers(decided, config.forward,
+                                                                    rid_name, rid)))  # fmt: skip
                 return response
             view = RequestView(
                 head.method, head.path, head.headers, peer, self.scheme, request.with_body
@@ -333,6 +347,7 @@ class Proxy:
             if config.access_log:
                 self._access(
                     request,
+                    asked,
                     decided,
                     rid,
                     status,
@@ -408,6 +423,7 @@ class Proxy:
     def _access(
         self,
         request: ProxyRequest,
+        method: str,
         decided: Decision | Rejection | None,
         rid: str,
         status: int,
@@ -428,7 +444,7 @@ class Proxy:
             if outcome == SERVICE_OUTCOME:
                 route = path  # one of the service's fixed paths
         self.log.access(
-            rid, request.head.method, path, route, status, outcome, reason, app,
+            rid, method, path, route, status, outcome, reason, app,
             request.peer, elapsed, traffic.upstream_seconds, traffic.bytes_in,
             traffic.bytes_out,
         )  # fmt: skip
@@ -441,6 +457,13 @@ def _remote(app: App) -> tuple[bool, str, str | None, tuple[str, ...] | None] | 
     if app.jwks_url:
         return False, app.jwks_url, app.ca_file, None
     return None
+
+
+def _text(headers: list[tuple[bytes, bytes]]) -> CIMultiDict[str]:
+    """Raw headers as aiohttp's (which writes values as UTF-8)."""
+    return CIMultiDict(
+        (n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in headers
+    )
 
 
 def _body_size(response: web.StreamResponse, method: str) -> int:

@@ -29,7 +29,16 @@ from cryptography.hazmat.primitives.serialization import load_pem_private_key
 from . import jwk
 from .errors import ConfigError, Problem
 from .routing import PathPattern
-from .yamlconf import Section, Substituted, as_number, as_string, join, load_yaml, substitute
+from .yamlconf import (
+    Section,
+    Substituted,
+    as_number,
+    as_string,
+    join,
+    load_yaml,
+    optional,
+    substitute,
+)
 
 TOKEN_SERVICE_APP = "token-service"  # noqa: S105 - an app id, not a password
 _ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -211,6 +220,16 @@ class TokenService:
 
 
 @dataclass(frozen=True, slots=True)
+class Authorize:
+    """mode: authorize (SPEC §10): where the gateway puts the request it asks about."""
+
+    method_header: str | None = "X-Forwarded-Method"  # None: the subrequest's own method
+    uri_header: str | None = "X-Forwarded-Uri"  # None: the subrequest's own target
+    host_header: str | None = "X-Forwarded-Host"  # must be present once; None: not checked
+    strip_prefix: str = ""  # removed from the start of the own target (Envoy's path_prefix)
+
+
+@dataclass(frozen=True, slots=True)
 class Config:
     file: str
     listen: Listen
@@ -221,7 +240,7 @@ class Config:
     log_level: str
     access_log: bool
     case_insensitive_paths: bool
-    upstream: Upstream
+    upstream: Upstream | None  # None only in mode authorize, which forwards nothing
     upstreams: Mapping[str, Upstream]
     token: TokenSettings
     forward: Forward
@@ -233,6 +252,8 @@ class Config:
     limits: Limits = Limits()
     server_header: str | None = "token-proxy"  # on the proxy's own answers; None: no Server
     dev_console: bool = False  # /console on the admin listener (SPEC §12): see _dev_console()
+    mode: str = "proxy"  # proxy | authorize (SPEC §10)
+    authorize: Authorize = Authorize()
 
     @property
     def jwks_urls(self) -> tuple[str, ...]:
@@ -243,7 +264,7 @@ _TOP = (
     "listen tls admin_listen environment shutdown_timeout log case_insensitive_paths upstream "
     "upstreams token forward errors apps routes preflight token_service"
 ).split()
-_TOP += ["limits", "server_header"]
+_TOP += ["limits", "server_header", "mode", "authorize"]
 _TOP += ["dev_console"]
 
 
@@ -320,7 +341,10 @@ class _Builder:
         level = log.choice("level", ("debug", "info", "warning", "error"), "info")
         access = log.boolean("access", True)
         ignore_case = root.boolean("case_insensitive_paths", False)
-        upstream = self.upstream(root.raw("upstream"), "upstream", "default", required=True)
+        mode, authorize = self.mode(root)
+        upstream = None  # mode authorize needs none (one given is checked, then ignored)
+        if mode != "authorize" or root.raw("upstream") is not None:
+            upstream = self.upstream(root.raw("upstream"), "upstream", "default", required=True)
         upstreams = self.upstreams(root)
         token = self.token(root)
         forward = self.forward(root, token)
@@ -337,7 +361,9 @@ class _Builder:
         dev_console = _dev_console(root, admin)
         if self.problems:
             return None
-        if not (listen and upstream and token and forward and errors and level):
+        if not (listen and token and forward and errors and level):
+            return None
+        if upstream is None and mode != "authorize":
             return None
         return Config(
             file=self.file,
@@ -361,7 +387,40 @@ class _Builder:
             limits=limits,
             server_header=server_header,
             dev_console=dev_console,
+            mode=mode,
+            authorize=authorize,
         )
+
+    # --- mode: authorize (SPEC §10) --------------------------------------------------------
+
+    def mode(self, root: Section) -> tuple[str, Authorize]:
+        """`mode` and the `authorize` section; in authorize mode no route names an upstream."""
+        mode = root.choice("mode", ("proxy", "authorize"), "proxy") or "proxy"
+        keys = ("method_header", "uri_header", "host_header", "strip_prefix")
+        section = Section(root.raw("authorize"), "authorize", self.problems, keys)
+        default = Authorize()
+        headers: list[str | None] = []
+        for key in keys[:3]:
+            name = section.field(key, optional(as_string), "a header name or null", "")
+            if name == "":
+                name = getattr(default, key)  # absent: the default (null means "own")
+            elif name is not None and not _TOKEN_CHARS.fullmatch(name):
+                section.problem(key, "must be a valid header name or null")
+            headers.append(name)
+        prefix = section.string("strip_prefix", "") or ""
+        if prefix and not prefix.startswith("/"):
+            section.problem("strip_prefix", "must be empty or start with /")
+        if mode == "authorize":
+            routes = root.raw("routes")
+            for index, route in enumerate(routes if isinstance(routes, list) else ()):
+                if isinstance(route, dict) and route.get("upstream") is not None:
+                    self.problems.append(
+                        Problem(
+                            f"routes[{index}].upstream",
+                            "cannot be used in mode authorize (nothing is forwarded)",
+                        )
+                    )
+        return mode, Authorize(headers[0], headers[1], headers[2], prefix)
 
     def limits(self, root: Section) -> Limits:
         keys = ("header_timeout", "idle_timeout")

@@ -231,15 +231,20 @@ class Runtime:
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopped.set)
+        notes = {}
+        if config.mode == "authorize" and (config.upstream or config.upstreams):
+            notes["note"] = "mode authorize forwards nothing: the upstream settings are ignored"
         self.log.event(
             "info",
             "start",
             version=__version__,
             listen=str(config.listen),
             admin=str(config.admin_listen) if config.admin_listen else None,
-            upstream=config.upstream.url,
+            upstream=config.upstream.url if config.upstream else None,
             apps=len(config.apps),
             routes=len(config.routes),
+            mode=config.mode,
+            **notes,
         )
         # Startup objects (config, compiled routes, imported modules) never die: keep them out
         # of the collector's scans, and collect the young generation less often (measured in

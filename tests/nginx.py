@@ -61,7 +61,6 @@ def _free_port() -> int:
 
 
 def _conf(directory: Path, port: int, inner: int, answer: str | None, access_log: bool) -> str:
-    user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""  # root: workers stay root
     log = f"access_log {directory}/access.log seen;" if access_log else "access_log off;"
     if answer is None:
         # `proxy_pass` makes nginx read the whole body (a `return` would discard it unread); the
@@ -78,6 +77,25 @@ def _conf(directory: Path, port: int, inner: int, answer: str | None, access_log
     else:
         front = f'location / {{ return 200 "{answer}\\n"; }}'
         inner_server = ""
+    return main_conf(
+        directory,
+        f"""
+    log_format seen escape=json '{_LOG_FORMAT}';
+    keepalive_requests 1000000;
+    large_client_header_buffers 4 64k;  # long tokens reach it: the proxy's limits are tested
+    server {{
+        listen 127.0.0.1:{port};
+        {log}
+        client_max_body_size 0;
+        {front}
+    }}
+    {inner_server}""",
+    )
+
+
+def main_conf(directory: Path, http: str) -> str:
+    """A whole nginx.conf that runs as any user from `directory`, around an `http` block."""
+    user = f"user {getpass.getuser()};" if os.geteuid() == 0 else ""  # root: workers stay root
     return f"""
 {user}
 daemon off;
@@ -91,16 +109,7 @@ http {{
     fastcgi_temp_path {directory}/fastcgi;
     uwsgi_temp_path {directory}/uwsgi;
     scgi_temp_path {directory}/scgi;
-    log_format seen escape=json '{_LOG_FORMAT}';
-    keepalive_requests 1000000;
-    large_client_header_buffers 4 64k;  # long tokens reach it: the proxy's limits are tested
-    server {{
-        listen 127.0.0.1:{port};
-        {log}
-        client_max_body_size 0;
-        {front}
-    }}
-    {inner_server}
+    {http}
 }}
 """
 
@@ -173,8 +182,17 @@ def start_nginx(directory: Path, *, answer: str | None = None, access_log: bool 
     if os.geteuid() == 0:  # the workers run as the user: let them write their files
         directory.chmod(0o777)
     port, inner = _free_port(), _free_port()
+    return run_nginx(directory, port, _conf(directory, port, inner, answer, access_log))
+
+
+def run_nginx(directory: Path, port: int, text: str) -> Nginx:
+    """nginx running the whole config `text` (see `main_conf`), once `port` accepts."""
+    if NGINX is None:
+        raise FileNotFoundError("nginx is not installed (.ci/run installs Debian's package)")
+    if os.geteuid() == 0:
+        directory.chmod(0o777)
     conf = directory / "nginx.conf"
-    conf.write_text(_conf(directory, port, inner, answer, access_log))
+    conf.write_text(text)
     errors = directory / "error.log"
     process = subprocess.Popen(
         [NGINX, "-p", str(directory), "-c", str(conf), "-e", str(errors)],

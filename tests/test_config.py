@@ -313,6 +313,38 @@ RULES = [
         "CA bundle",
         id="bad-ca-file",
     ),
+    pytest.param(
+        lambda k: {**BASE, "mode": "forward-auth"}, "mode", "proxy, authorize", id="unknown-mode"
+    ),
+    pytest.param(
+        lambda k: {
+            "mode": "authorize",
+            "apps": [HS_APP],
+            "upstreams": {"legacy": {"url": "http://127.0.0.1:9001"}},
+            "routes": [{"path": "/a/*"}, {"path": "/*", "upstream": "legacy"}],
+        },
+        "routes[1].upstream",
+        "mode authorize",
+        id="authorize-route-upstream",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "mode": "authorize", "authorize": {"uri_header": "X Uri"}},
+        "authorize.uri_header",
+        "header name",
+        id="authorize-bad-header",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "mode": "authorize", "authorize": {"strip_prefix": "auth"}},
+        "authorize.strip_prefix",
+        "start with /",
+        id="authorize-bad-prefix",
+    ),
+    pytest.param(
+        lambda k: {**BASE, "authorize": {"host_heder": None}},
+        "authorize.host_heder",
+        "unknown key",
+        id="authorize-unknown-key",
+    ),
 ]
 
 
@@ -518,3 +550,23 @@ def test_zero_leeway_cache_ttl_and_shutdown_timeout_are_fine(tmp_path: Path) -> 
     assert (config.shutdown_timeout, config.token.leeway, config.token.cache_ttl) == (0, 0, 0)
     path.write_text(yaml.safe_dump({**BASE, "upstream": {"url": "http://h", "timeout": 0.5}}))
     assert load(str(path), env={}).upstream.timeout == 0.5
+
+
+def test_authorize_mode_needs_no_upstream_and_keeps_null_headers(tmp_path: Path) -> None:
+    path = tmp_path / "proxy.yaml"
+    path.write_text(
+        yaml.safe_dump(
+            {
+                "mode": "authorize",
+                "apps": [HS_APP],
+                "authorize": {"method_header": None, "uri_header": None, "strip_prefix": "/auth"},
+            }
+        )
+    )
+    config = load(str(path), env={})
+    assert config.mode == "authorize"
+    assert config.upstream is None
+    assert config.authorize.method_header is None
+    assert config.authorize.uri_header is None
+    assert config.authorize.host_header == "X-Forwarded-Host"  # absent: the default
+    assert config.authorize.strip_prefix == "/auth"

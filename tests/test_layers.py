@@ -11,7 +11,7 @@ LAYERS = {
     "config": 2,
     "keys": 3,
     "tokens": 4,
-    "decision": 5, "headers": 5, "mint": 5,
+    "decision": 5, "headers": 5, "mint": 5, "authorize": 5,
     "forward": 6, "request": 6, "websocket": 6, "token_service": 6,
     "app": 7,
     "server": 8, "console": 8,
