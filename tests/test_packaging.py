@@ -10,16 +10,18 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pytest
 import yaml
 
+from proxy.config import DEFAULT_IDENTITY
 from proxy.metrics import ISSUED, JWKS_FETCHES, JWKS_KEYS, Metrics
 from tests.conftest import SECRET_B64
 
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-MANIFESTS = ["deploy/sidecar.yaml", "deploy/gateway.yaml"]
+MANIFESTS = ["deploy/sidecar.yaml", "deploy/gateway.yaml", "deploy/ingress-auth.yaml"]
 
 
 def test_dockerfile_passes_hadolint() -> None:
@@ -169,3 +171,21 @@ def test_dashboard_and_rules_use_only_exported_metrics() -> None:
     rules = (ROOT / "deploy/prometheus-rules.yaml").read_text()
     for alert in ("TokenProxyJwksFailing", "TokenProxy5xxRatio", "TokenProxyNotReady"):
         assert alert in rules
+
+
+def test_ingress_auth_asks_token_proxy_and_copies_every_identity_header() -> None:
+    docs = documents("deploy/ingress-auth.yaml")
+    config_map = next(d for d in docs if d["kind"] == "ConfigMap")
+    config = yaml.safe_load(config_map["data"]["proxy.yaml"])  # type: ignore[index]
+    assert config["mode"] == "authorize"
+    service = next(d for d in docs if d["kind"] == "Service")
+    ingress = next(d for d in docs if d["kind"] == "Ingress")
+    annotations = ingress["metadata"]["annotations"]  # type: ignore[index]
+    url = urlsplit(annotations["nginx.ingress.kubernetes.io/auth-url"])
+    assert url.hostname.split(".")[0] == service["metadata"]["name"]  # type: ignore[index, union-attr]
+    assert url.port == service["spec"]["ports"][0]["port"]  # type: ignore[index]
+    # X-Original-URI, the header the config reads, is only sent with an auth-method
+    assert config["authorize"]["uri_header"] == "X-Original-URI"
+    assert annotations["nginx.ingress.kubernetes.io/auth-method"] == "GET"
+    copied = annotations["nginx.ingress.kubernetes.io/auth-response-headers"].split(",")
+    assert set(copied) == set(DEFAULT_IDENTITY)  # a header not copied would pass the client's
