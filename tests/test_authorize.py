@@ -419,3 +419,9 @@ async def test_token_service_still_answers_its_paths(proxy_for: ProxyFactory, ke
     response = await proxy.get("/.well-known/jwks.json")
     assert response.status == 200
     assert (await response.json())["keys"]
+
+
+@pytest.mark.parametrize("name", ["nginx.conf", "Caddyfile"])
+def test_readme_shows_the_recipes_the_tests_run(name: str) -> None:
+    text = (GATEWAYS / name).read_text()
+    assert text.rstrip("\n") + "\n```" in (ROOT / "README.md").read_text()
