@@ -32,6 +32,7 @@ from tests.conftest import (
     RunningProxy,
     Upstream,
     free_port,
+    mint,
     raw_exchange,
 )
 from tests.nginx import main_conf, run_nginx
@@ -419,6 +420,27 @@ async def test_token_service_still_answers_its_paths(proxy_for: ProxyFactory, ke
     response = await proxy.get("/.well-known/jwks.json")
     assert response.status == 200
     assert (await response.json())["keys"]
+
+
+async def test_serve_in_authorize_mode_ignores_a_given_upstream(tmp_path: Path) -> None:
+    from tests.test_lifecycle import Served
+
+    # an upstream nobody listens on: nothing is ever forwarded to it
+    data = {**AUTHORIZE, "upstream": {"url": f"http://127.0.0.1:{free_port()}"}}
+    served = Served(tmp_path, data)
+    await served.start()
+    try:
+        start = await served.wait_for_line("start")
+        assert start["mode"] == "authorize"
+        assert "ignored" in start["note"]
+        token = mint(appId="app-1", userId="42")
+        async with aiohttp.ClientSession() as session:
+            headers = {**asked("GET", "/v1/users/42/x"), "Authorization": f"Bearer {token}"}
+            async with session.get(served.url + "/", headers=headers) as response:
+                assert response.status == 200
+                assert response.headers["X-Auth-User-Id"] == "42"
+    finally:
+        assert await served.stop() == 0
 
 
 @pytest.mark.parametrize("name", ["nginx.conf", "Caddyfile"])
