@@ -401,10 +401,11 @@ class _Builder:
         default = Authorize()
         headers: list[str | None] = []
         for key in keys[:3]:
-            name = section.field(key, optional(as_string), "a header name or null", "")
-            if name == "":
-                name = getattr(default, key)  # absent: the default (null means "own")
-            elif name is not None and not _TOKEN_CHARS.fullmatch(name):
+            if not section.has(key):
+                headers.append(getattr(default, key))  # absent: the default (null: "own")
+                continue
+            name = section.field(key, optional(as_string), "a header name or null")
+            if name is not None and not _TOKEN_CHARS.fullmatch(name):
                 section.problem(key, "must be a valid header name or null")
             headers.append(name)
         prefix = section.string("strip_prefix", "") or ""

@@ -334,6 +334,12 @@ RULES = [
         id="authorize-bad-header",
     ),
     pytest.param(
+        lambda k: {**BASE, "mode": "authorize", "authorize": {"method_header": ""}},
+        "authorize.method_header",
+        "header name",
+        id="authorize-empty-header",
+    ),
+    pytest.param(
         lambda k: {**BASE, "mode": "authorize", "authorize": {"strip_prefix": "auth"}},
         "authorize.strip_prefix",
         "start with /",
