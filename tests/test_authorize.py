@@ -210,6 +210,7 @@ async def test_allowed_request_reaches_upstream_with_identity(gateway: Gateway) 
         "forwarded",
     )
     assert 'outcome="forwarded"' in gateway.proxy.metrics_text()
+    assert headers.getall("X-Request-Id") == [line["request_id"]]  # one id in both logs
 
 
 async def test_a_route_without_auth_passes_without_a_token(gateway: Gateway) -> None:
