@@ -332,7 +332,7 @@ class Proxy:
                     upstream=_upstream_name(decided),
                     error=traffic.broken,
                 )
-            status = response.status if response is not None else traffic.status
+            status = _answered(response, traffic)
             if status is None:
                 # No answer went out: the client left (aiohttp cancelled the handler) before
                 # one. Still one access line and one count, as nginx logs its 499.
@@ -471,6 +471,14 @@ def _body_size(response: web.StreamResponse, method: str) -> int:
     if method == "HEAD" or not isinstance(response, web.Response):
         return 0
     return response.content_length or 0
+
+
+def _answered(response: web.StreamResponse | None, traffic: Traffic) -> int | None:
+    """The status that went out, None when none did. A function, not inline in `handle`'s
+    `finally`: mypy types a finally block as the try ended normally (`response` set), and
+    mypyc compiles that type in, so a cancelled handler (`response` None) raised TypeError
+    there and its access line and count were lost."""
+    return response.status if response is not None else traffic.status
 
 
 def _upstream_name(decided: Decision | Rejection | None) -> str:

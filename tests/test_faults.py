@@ -442,8 +442,6 @@ def jwks_fetches(proxy: RunningProxy) -> Counter[str]:
     return Counter({result: int(float(value)) for result, value in found})
 
 
-# Fails on the compiled build only (seen at merge, not yet understood): see the stop-17 note.
-@pytest.mark.interpreted
 async def test_jwks_hanging_then_garbage_then_flapping(
     proxy_for: ProxyFactory, raw_servers: list[RawServer], keys: KeyFiles
 ) -> None:
@@ -657,8 +655,6 @@ async def test_a_reload_retires_the_old_pool_without_keeping_its_connections(
 # --- Clients that leave ------------------------------------------------------------------------
 
 
-# Fails on the compiled build only (seen at merge, not yet understood): see the stop-17 note.
-@pytest.mark.interpreted
 async def test_clients_leaving_mid_stream_leak_nothing(
     proxy_for: ProxyFactory, upstream: Upstream
 ) -> None:
