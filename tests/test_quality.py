@@ -1,7 +1,10 @@
-"""The code stays lint-clean, formatted and type-checked (ruff, mypy --strict)."""
+"""The code stays lint-clean, formatted and type-checked (ruff, mypy --strict), and SECURITY.md
+names tests that exist."""
 
 from __future__ import annotations
 
+import ast
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,3 +28,29 @@ def test_ruff_format() -> None:
 
 def test_mypy_strict() -> None:
     check(str(BIN / "mypy"), "--strict", "proxy")
+
+
+def _functions(path: Path) -> set[str]:
+    tree = ast.parse(path.read_text())
+    return {n.name for n in ast.walk(tree) if isinstance(n, ast.FunctionDef | ast.AsyncFunctionDef)}
+
+
+def test_security_md_names_tests_that_exist() -> None:
+    """Every attack class names its tests as `tests/test_x.py::test_name`; each one exists (a
+    renamed or deleted test must not leave the table claiming coverage it lost)."""
+    text = (ROOT / "SECURITY.md").read_text()
+    table = text.split("## Attack classes", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in table.splitlines() if line.startswith("| **")]
+    assert len(rows) >= 10
+    missing = []
+    for row in rows:
+        cell = row.rstrip(" |").rsplit(" | ", 1)[1]
+        named = re.findall(r"`((?:tests|bench)/[\w/]+\.py)(?:::(\w+))?`", cell)
+        assert any(name for _, name in named), f"no test named in: {row[:60]}"
+        for file, name in named:
+            path = ROOT / file
+            if not path.is_file():
+                missing.append(file)
+            elif name and name not in _functions(path):
+                missing.append(f"{file}::{name}")
+    assert not missing, missing
