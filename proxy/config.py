@@ -5,7 +5,8 @@
     config.routes[0].pattern.match("/v1/x")     # compiled once
 
 `load()` reads the whole file, collects every problem with its key path, reads every key file,
-and never puts a value (which may be a secret) into a message.
+and names the offending value where it cannot be a secret (`unknown app "ghost-app"`): never a
+value of `secrets` or `clients[].secret`, never one that came from `${VAR}` substitution.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -37,7 +38,9 @@ from .yamlconf import (
     join,
     load_yaml,
     optional,
+    quoted,
     substitute,
+    substituted_strings,
 )
 
 TOKEN_SERVICE_APP = "token-service"  # noqa: S105 - an app id, not a password
@@ -300,7 +303,7 @@ def load(
     tree = substitute(tree, os.environ if env is None else env, problems)
     if adjust is not None:
         adjust(tree)
-    config = _Builder(file, problems).build(tree)
+    config = _Builder(file, problems, substituted_strings(tree)).build(tree)
     if problems or config is None:
         raise ConfigError(problems, file)
     return config
@@ -309,10 +312,33 @@ def load(
 class _Builder:
     """Reads the YAML tree section by section, recording every problem."""
 
-    def __init__(self, file: str, problems: list[Problem]) -> None:
+    def __init__(self, file: str, problems: list[Problem], hidden: frozenset[str]) -> None:
         self.file = file
         self.base = Path(file).resolve().parent
         self.problems = problems
+        self.hidden = frozenset(h for h in hidden if h)  # substituted: never in a message
+
+    def url_problem(self, url: str, problem: str) -> str:
+        """A URL rule's message with the URL (without its userinfo) when it may be shown."""
+        shown = self.show(without_userinfo(url)) if self.show(url) else None
+        return f"{problem}, not {shown}" if shown else problem
+
+    def show(self, value: object) -> str | None:
+        """`"value"` for a message, or None when it must not be shown: it is, or is part of,
+        a string from `${VAR}` substitution."""
+        text = quoted(value)
+        if text is None or any(str(value) in h or h in str(value) for h in self.hidden):
+            return None
+        return text
+
+    def that(self, value: object) -> str:
+        """`"value"` as the subject of a message, or "the value" when it must not be shown."""
+        return self.show(value) or "the value"
+
+    def named(self, what: str, value: object) -> str:
+        """`what "value"`, or just `what` when the value must not be shown."""
+        text = self.show(value)
+        return f"{what} {text}" if text else what
 
     def path(self, value: str) -> Path:
         return self.base / value
@@ -320,8 +346,15 @@ class _Builder:
     def read_file(self, section: Section, key: str, value: str) -> bytes | None:
         try:
             return self.path(value).read_bytes()
-        except (OSError, ValueError):  # ValueError: a NUL in the path
-            section.problem(key, "file cannot be read")
+        except (OSError, ValueError) as error:  # ValueError: a NUL in the path
+            why = (
+                "no such file"
+                if isinstance(error, FileNotFoundError)
+                else "permission denied"
+                if isinstance(error, PermissionError)
+                else "unreadable"
+            )
+            section.problem(key, f"{self.named('file', value)} cannot be read ({why})")
             return None
 
     def build(self, tree: dict[str, Any]) -> Config | None:
@@ -461,7 +494,7 @@ class _Builder:
             try:
                 ssl.create_default_context().load_verify_locations(self.path(ca_file))
             except (OSError, ssl.SSLError, ValueError):
-                section.problem("ca_file", "is not a readable PEM CA bundle")
+                section.problem("ca_file", f"{self.that(ca_file)} is not a readable PEM CA bundle")
         if url is None:
             return None
         target = self.upstream_url(section, url)
@@ -499,21 +532,20 @@ class _Builder:
             parts = urlsplit(url)
             port = parts.port
         except ValueError:  # not a URL at all ("http://[::1"), or a bad port
-            section.problem("url", "must be http://HOST[:PORT][/PATH], https://… or unix:/PATH")
-            return None
-        if (
-            parts.scheme not in ("http", "https")
-            or not parts.hostname
-            or port == -1
-            or parts.query
-            or parts.fragment
-            or parts.username
-        ):
-            section.problem("url", "must be http://HOST[:PORT][/PATH], https://… or unix:/PATH")
+            parts, port = urlsplit(""), -1
+        host = parts.hostname
+        why = _upstream_url_flaw(parts, port) if host else "it has no host (or is not a URL)"
+        if why is not None or not host:
+            shown = self.show(without_userinfo(url)) if self.show(url) else None
+            section.problem(
+                "url",
+                "must be http://HOST[:PORT][/PATH], https://… or unix:/PATH"
+                + (f" ({shown}: {why})" if shown else f" ({why})"),
+            )
             return None
         base = parts.path.rstrip("/")
         default = 443 if parts.scheme == "https" else 80
-        return parts.scheme, parts.hostname, port or default, None, base
+        return parts.scheme, host, port or default, None, base
 
     def upstreams(self, root: Section) -> dict[str, Upstream]:
         data = root.raw("upstreams")
@@ -525,7 +557,8 @@ class _Builder:
         found: dict[str, Upstream] = {}
         for name, value in data.items():
             if not isinstance(name, str) or not _ID.fullmatch(name):
-                root.problem("upstreams", "names are strings of [A-Za-z0-9._-]{1,64}")
+                what = self.named("the name", name)
+                root.problem("upstreams", f"{what} is not a string of [A-Za-z0-9._-]{{1,64}}")
                 continue
             upstream = self.upstream(value, f"upstreams.{name}", name)
             if upstream is not None:
@@ -570,14 +603,17 @@ class _Builder:
         sources: list[Source] = []
         for index, entry in enumerate(raw or ()):
             kind, _, name = entry.partition(":")
+            where = f"sources[{index}]"
             if kind not in ("header", "query", "cookie"):
-                section.problem(f"sources[{index}]", "kind must be header:, query: or cookie:")
+                section.problem(
+                    where, f"{self.that(entry)}: the kind must be header:, query: or cookie:"
+                )
             elif not name or (kind == "header" and not _TOKEN_CHARS.fullmatch(name)):
-                section.problem(f"sources[{index}]", "needs a valid name after the kind")
+                section.problem(where, f"{self.that(entry)} needs a valid name after {kind}:")
             else:
                 source = Source(kind, name.lower() if kind == "header" else name, entry)
                 if source in sources:
-                    section.problem(f"sources[{index}]", "is listed twice")
+                    section.problem(where, f"{self.that(entry)} is listed twice")
                 sources.append(source)
         if raw is not None and not raw:
             section.problem("sources", "needs at least one source")
@@ -605,17 +641,20 @@ class _Builder:
         token_headers = {s.name for s in token.sources if s.kind == "header"} if token else set()
         for key, name in names:
             if not isinstance(name, str) or not _TOKEN_CHARS.fullmatch(name):
-                section.problem(key, "must be a valid header name")
+                section.problem(key, f"{self.that(name)} is not a valid header name")
                 continue
             folded = name.lower().replace("_", "-")
             if folded in _MANAGED or folded in token_headers or folded.startswith("proxy-"):
-                section.problem(key, "names a header the proxy manages")
+                section.problem(key, f"{self.that(name)} is a header the proxy manages")
             elif folded in seen:
-                section.problem(key, "names a header twice (case and _ ignored)")
+                section.problem(key, f"{self.that(name)} names a header twice (case and _ ignored)")
             seen.add(folded)
         for name, claim in headers.items():
             if not isinstance(claim, str) or not claim or claim.startswith(".") or ".." in claim:
-                section.problem(f"identity_headers.{name}", "must be a claim name or @app")
+                section.problem(
+                    f"identity_headers.{name}",
+                    f"must be a claim name or @app, not {self.that(claim)}",
+                )
             elif isinstance(name, str):
                 identity.append((name, claim))
         if send_token is None or request_id is None:
@@ -642,30 +681,46 @@ class _Builder:
             return []
         apps: list[App] = []
         ids: set[str] = set()
-        matches: set[tuple[str, str]] = set()
-        catch_all = 0
+        matches: dict[tuple[str, str], str] = {}
+        catch_all: str | None = None
         for index, item in enumerate(data):
             path = f"apps[{index}]"
             app = self.app(item, path)
             if app is None:
                 continue
             if app.id in ids:
-                self.problems.append(Problem(f"{path}.id", "is used by another app"))
+                first = next(i for i, a in enumerate(apps) if a.id == app.id)
+                self.problems.append(
+                    Problem(
+                        f"{path}.id", f"{self.that(app.id)} is used by another app (apps[{first}])"
+                    )
+                )
                 continue
             if service and app.id == TOKEN_SERVICE_APP:
-                self.problems.append(Problem(f"{path}.id", "is reserved for the token service"))
+                self.problems.append(
+                    Problem(
+                        f"{path}.id", f'"{TOKEN_SERVICE_APP}" is reserved for the token service'
+                    )
+                )
             ids.add(app.id)
             if app.match_claim is None:
-                catch_all += 1
-                if catch_all > 1:
-                    self.problems.append(Problem(path, "is a second app without match"))
+                if catch_all is not None:
+                    self.problems.append(
+                        Problem(path, f"is a second app without match ({catch_all} has none)")
+                    )
+                catch_all = catch_all or path
             else:
                 pair = (app.match_claim, app.match_value or "")
                 if pair in matches:
+                    value = self.show(pair[1])
+                    what = f"{pair[0]} = {value}" if value else pair[0]
                     self.problems.append(
-                        Problem(f"{path}.match", "another app matches the same claim and value")
+                        Problem(
+                            f"{path}.match",
+                            f"{matches[pair]} matches the same claim and value ({what})",
+                        )
                     )
-                matches.add(pair)
+                matches.setdefault(pair, path)
                 if service and pair == ("iss", service.issuer):
                     self.problems.append(
                         Problem(f"{path}.match", "matches the token service's own issuer")
@@ -681,16 +736,20 @@ class _Builder:
         section = Section(data, path, self.problems, keys)
         app_id = section.string("id")
         if app_id is not None and not _ID.fullmatch(app_id):
-            section.problem("id", "must be 1-64 characters of A-Z a-z 0-9 . _ -")
+            section.problem(
+                "id", f"{self.that(app_id)} is not 1-64 characters of A-Z a-z 0-9 . _ -"
+            )
         match_claim, match_value = self.match(section, app_id)
         algorithms = section.strings("algorithms")
         algs: set[str] = set()
         for index, alg in enumerate(algorithms or ()):
             if alg.lower() == "none":
-                section.problem(f"algorithms[{index}]", "none is never accepted")
+                section.problem(f"algorithms[{index}]", f"{self.that(alg)} is never accepted")
             elif alg not in jwk.SUPPORTED:
                 section.problem(
-                    f"algorithms[{index}]", "must be one of " + ", ".join(sorted(jwk.SUPPORTED))
+                    f"algorithms[{index}]",
+                    f"{self.named('unknown algorithm', alg)}: must be one of "
+                    + ", ".join(sorted(jwk.SUPPORTED)),
                 )
             else:
                 algs.add(alg)
@@ -698,7 +757,11 @@ class _Builder:
             section.problem("algorithms", "must name at least one algorithm")
         hs = algs & jwk.HS_MIN_BYTES.keys()
         if hs and algs - hs:
-            section.problem("algorithms", "mixes HS* and asymmetric algorithms; use two apps")
+            section.problem(
+                "algorithms",
+                f"mixes HS* ({', '.join(sorted(hs))}) and asymmetric "
+                f"({', '.join(sorted(algs - hs))}) algorithms; use two apps",
+            )
         secrets = self.secrets(section, hs) if hs and not algs - hs else ()
         keys_found: tuple[jwk.VerifyKey, ...] = ()
         jwks_url = section.optional_string("jwks_url")
@@ -751,7 +814,7 @@ class _Builder:
             )
         problem = jwks_url_problem(url, what="discovery_url")
         if problem:
-            section.problem("discovery_url", problem)
+            section.problem("discovery_url", self.url_problem(url, problem))
         return url
 
     def remote_ca_file(self, section: Section) -> str | None:
@@ -762,7 +825,7 @@ class _Builder:
         try:
             ssl.create_default_context().load_verify_locations(self.path(ca_file))
         except (OSError, ssl.SSLError):
-            section.problem("ca_file", "is not a readable PEM CA bundle")
+            section.problem("ca_file", f"{self.that(ca_file)} is not a readable PEM CA bundle")
             return None
         return str(self.path(ca_file))
 
@@ -809,46 +872,62 @@ class _Builder:
     def app_keys(
         self, section: Section, algs: set[str], jwks_url: str | None, discovery_url: str | None
     ) -> tuple[jwk.VerifyKey, ...]:
-        keys: list[jwk.VerifyKey] = []
-        for index, file in enumerate(section.strings("public_keys", ()) or ()):
+        # (key path, what within it, key): a problem names the one key it is about
+        found: list[tuple[str, str, jwk.VerifyKey]] = []
+        files = section.strings("public_keys", ()) or ()
+        for index, file in enumerate(files):
             where = f"public_keys[{index}]"
             data = self.read_file(section, where, file)
             if data is None:
                 continue
             try:
-                keys.append(jwk.load_pem_public(data, where))
+                found.append((where, self.that(file), jwk.load_pem_public(data, where)))
             except jwk.KeyMaterialError as error:
-                section.problem(where, str(error))
+                section.problem(where, f"{self.that(file)} {error}")
         jwks_file = section.optional_string("jwks_file")
         if jwks_file is not None:
-            keys.extend(self.jwks_file(section, jwks_file))
+            found.extend(("jwks_file", at, key) for at, key in self.jwks_file(section, jwks_file))
         if jwks_url is not None:
             problem = jwks_url_problem(jwks_url)
             if problem:
-                section.problem("jwks_url", problem)
-        if not keys and not (jwks_url or discovery_url) and not section.has("jwks_file"):
+                section.problem("jwks_url", self.url_problem(jwks_url, problem))
+        given = files or section.has("jwks_file") or jwks_url or discovery_url
+        if not given:  # a source given but unusable has its own problem already
             section.problem(
                 "", "an asymmetric app needs public_keys, jwks_file or jwks_url (or discovery_url)"
             )
-        for key in keys:
+        for where, at, key in found:
             if not any(key.fits(alg) for alg in algs):
-                where = key.source if key.source.startswith("public_keys") else "jwks_file"
-                section.problem(where, "holds a key that fits none of the app's algorithms")
-        return tuple(keys)
+                section.problem(
+                    where,
+                    f"{at} holds {jwk.describe(key.key)}, which fits none of the app's algorithms "
+                    f"({', '.join(sorted(algs))})",
+                )
+        return tuple(key for _, _, key in found)
 
-    def jwks_file(self, section: Section, file: str) -> list[jwk.VerifyKey]:
+    def jwks_file(self, section: Section, file: str) -> list[tuple[str, jwk.VerifyKey]]:
+        """The keys of a JWKS file, each with where it is (`keys[1]`); one problem per bad key."""
         data = self.read_file(section, "jwks_file", file)
         if data is None:
             return []
         try:
-            keys, skipped = jwk.parse_jwks(json.loads(data), "jwks_file")
-        except (ValueError, jwk.KeyMaterialError):
-            section.problem("jwks_file", "is not a JWKS document (an object with a keys list)")
+            document = json.loads(data)
+        except ValueError:
+            document = None
+        if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
+            what = self.that(file)
+            section.problem(
+                "jwks_file", f"{what} is not a JWKS document (an object with a keys list)"
+            )
             return []
-        for line in skipped:
-            section.problem("jwks_file", line)
-        if not keys and not skipped:
-            section.problem("jwks_file", "holds no key")
+        if not document["keys"]:
+            section.problem("jwks_file", f"{self.that(file)} holds no key")
+        keys: list[tuple[str, jwk.VerifyKey]] = []
+        for index, item in enumerate(document["keys"]):
+            try:
+                keys.append((f"keys[{index}]", jwk.from_jwk(item, "jwks_file")))
+            except jwk.KeyMaterialError as error:
+                section.problem("jwks_file", f"keys[{index}] {error}")
         return keys
 
     def routes(
@@ -892,12 +971,14 @@ class _Builder:
             if methods is not None:
                 for m_index, method in enumerate(methods):
                     if not _TOKEN_CHARS.fullmatch(method):
-                        section.problem(f"methods[{m_index}]", "is not an HTTP method")
+                        section.problem(
+                            f"methods[{m_index}]", f"{self.that(method)} is not an HTTP method"
+                        )
             auth = section.choice("auth", ("none", "optional", "required"), "required")
             allowed = section.strings("apps", None)
             for a_index, app_id in enumerate(allowed or ()):
                 if app_id not in app_ids:
-                    section.problem(f"apps[{a_index}]", "names an unknown app")
+                    section.problem(f"apps[{a_index}]", self.named("unknown app", app_id))
             scopes = section.strings("scopes", ())
             required = section.strings("required_claims", ())
             bind = self.bind(section, pattern)
@@ -906,11 +987,13 @@ class _Builder:
             for s_index, source in enumerate(sources or ()):
                 if source.kind == "header" and source.name.replace("_", "-") in managed:
                     section.problem(
-                        f"sources[{s_index}]", "names a header the proxy sets (identity_headers)"
+                        f"sources[{s_index}]",
+                        f"{self.that(source.label)} names a header the proxy sets "
+                        "(identity_headers)",
                     )
             upstream = section.optional_string("upstream")
             if upstream is not None and upstream not in upstreams:
-                section.problem("upstream", "names an unknown upstream")
+                section.problem("upstream", self.named("unknown upstream", upstream))
             if pattern is None or auth is None or scopes is None or required is None:
                 continue
             routes.append(
@@ -962,11 +1045,17 @@ class _Builder:
             key = join("bind", claim)
             kind, _, name = source.partition(".") if isinstance(source, str) else ("", "", "")
             if kind not in ("path", "query", "header") or not name:
-                section.problem(key, "must be path.NAME, query.NAME or header.NAME")
+                section.problem(
+                    key, f"must be path.NAME, query.NAME or header.NAME, not {self.that(source)}"
+                )
             elif kind == "header" and not _TOKEN_CHARS.fullmatch(name):
-                section.problem(key, "names an invalid header")
+                section.problem(key, f"{self.that(source)} names an invalid header")
             elif kind == "path" and pattern is not None and name not in pattern.params:
-                section.problem(key, "names a path parameter the pattern does not have")
+                section.problem(
+                    key,
+                    f"{self.named('names the path parameter', name)}, which "
+                    f"{self.named('the pattern', pattern.pattern)} does not have",
+                )
             else:
                 bindings.append(Binding(str(claim), kind, name))
         return tuple(bindings)
@@ -983,7 +1072,12 @@ class _Builder:
             problem = jwks_url_problem(issuer, what="issuer")
             parts = urlsplit(issuer) if problem is None else None
             if parts is None or parts.path not in ("", "/") or parts.query or parts.fragment:
-                section.problem("issuer", "must be an https URL without a path (http: loopback)")
+                section.problem(
+                    "issuer",
+                    self.url_problem(
+                        issuer, "must be an https URL without a path (http: loopback)"
+                    ),
+                )
             issuer = issuer.rstrip("/")
         signing: list[SigningKey] = []
         files = section.strings("signing_keys")
@@ -995,7 +1089,10 @@ class _Builder:
             if data is not None:
                 key = _signing_key(data)
                 if key is None:
-                    section.problem(where, "must be a PEM private key: EC P-256 or RSA >= 2048")
+                    section.problem(
+                        where,
+                        f"{self.that(file)} is not a PEM private key: EC P-256 or RSA >= 2048",
+                    )
                 else:
                     signing.append(key)
         ttl = section.number("token_ttl", 900, minimum=1)
@@ -1026,9 +1123,11 @@ class _Builder:
             client_id, secret = client.string("id"), client.string("secret")
             org = client.optional_string("org")
             if client_id is not None and not _ID.fullmatch(client_id):
-                client.problem("id", "must be 1-64 characters of A-Z a-z 0-9 . _ -")
+                client.problem(
+                    "id", f"{self.that(client_id)} is not 1-64 characters of A-Z a-z 0-9 . _ -"
+                )
             elif client_id in {c.id for c in clients}:
-                client.problem("id", "is used twice")
+                client.problem("id", f"{self.that(client_id)} is used twice")
             if secret is not None and len(secret) < 16:
                 client.problem("secret", "must be at least 16 characters")
             if client_id is not None and secret is not None:
@@ -1051,7 +1150,7 @@ class _Builder:
             for index, app_id in enumerate(ids):
                 if app_id not in known | extra:
                     self.problems.append(
-                        Problem(f"token_service.{key}[{index}]", "names an unknown app")
+                        Problem(f"token_service.{key}[{index}]", self.named("unknown app", app_id))
                     )
 
 
@@ -1059,9 +1158,28 @@ def _listen(value: Any) -> Listen:
     text = as_string(value)
     host, sep, port = text.rpartition(":")
     if not sep or not port.isdigit() or int(port) > 65535:
-        raise ValueError("must be HOST:PORT")
+        shown = quoted(value)
+        raise ValueError("must be HOST:PORT" + (f", not {shown}" if shown else ""))
     host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
     return Listen(host or "0.0.0.0", int(port))  # noqa: S104 - the documented default
+
+
+def _upstream_url_flaw(parts: SplitResult, port: int | None) -> str | None:
+    """Why an upstream URL with a host is not one the proxy can send to, or None."""
+    if parts.scheme not in ("http", "https"):
+        return "the scheme is not http or https"
+    if port == -1:
+        return "its port is not a number"
+    if parts.query or parts.fragment:
+        return "it has a query or fragment"
+    if parts.username is not None:
+        return "it has user:password (never sent upstream)"
+    return None
+
+
+def without_userinfo(url: str) -> str:
+    """A URL as a message may show it: `user:password@` removed."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1", url)
 
 
 def jwks_url_problem(url: str, what: str = "jwks_url") -> str | None:

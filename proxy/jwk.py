@@ -6,7 +6,8 @@
 
 Parsing happens once per load or fetch; the request path only sees `VerifyKey` objects. All
 JOSE crypto and JWK decoding is PyJWT's and cryptography's. Error messages name what is wrong,
-never the key material (PyJWT's own messages can hold a whole JWK, so they are not passed on).
+never the key material: a library's explanation ("Coords should be 66 bytes for curve P-521")
+is passed on only when it quotes no member of the JWK.
 """
 
 from __future__ import annotations
@@ -87,9 +88,9 @@ def check_public(key: Any) -> PublicKey:
     if not isinstance(key, PublicKey):
         raise KeyMaterialError("is not an RSA, EC or Ed25519/Ed448 public key")
     if isinstance(key, rsa.RSAPublicKey) and key.key_size < MIN_RSA_BITS:
-        raise KeyMaterialError(f"is an RSA key under {MIN_RSA_BITS} bits")
+        raise KeyMaterialError(f"is an RSA key of {key.key_size} bits, under {MIN_RSA_BITS}")
     if isinstance(key, ec.EllipticCurvePublicKey) and key.curve.name not in _JWK_CURVES:
-        raise KeyMaterialError("is an EC key on a curve no JWS algorithm here uses")
+        raise KeyMaterialError(f"is an EC key on {key.curve.name}, a curve no JWS algorithm uses")
     return key
 
 
@@ -130,14 +131,46 @@ def from_jwk(jwk: Any, source: str, private_ok: bool = False) -> VerifyKey:
         raise KeyMaterialError("holds a private key (publish the public key only)")
     try:
         key = ALGORITHMS[family].from_jwk(jwk)
-    except (PyJWTError, ValueError, TypeError, KeyError):
-        raise KeyMaterialError("is not a valid JWK") from None
+    except (PyJWTError, ValueError, TypeError, KeyError) as error:
+        raise KeyMaterialError("is not a valid JWK" + _explained(error, jwk)) from None
     if hasattr(key, "public_key"):
         key = key.public_key()
     checked = check_public(key)
     if alg is not None and not key_fits(checked, alg):
         raise KeyMaterialError("has an alg that does not fit its key type")
     return VerifyKey(checked, kid, alg, source)
+
+
+def _explained(error: Exception, jwk: dict[Any, Any]) -> str:
+    """` (the library's reason)`, or "" when it could quote the key: it names a member's value,
+    is long, or is not plain text."""
+    text = str(error).strip()
+    # The names of things (kty, crv, alg) may appear in it; key material may not.
+    named = ("kty", "crv", "alg", "use")
+    values = [str(v) for k, v in jwk.items() if k not in named and isinstance(v, str | int)]
+    if (
+        isinstance(error, KeyError | TypeError)
+        or not text
+        or len(text) > 100
+        or not text.isascii()
+        or not text.isprintable()
+        or any(value in text for value in values if len(value) > 3)
+    ):
+        return ""
+    return f" ({text})"
+
+
+def describe(key: Any) -> str:
+    """The kind of a key for a message: "an RSA key", "an EC P-384 key", "an Ed25519 key"."""
+    if isinstance(key, rsa.RSAPublicKey | rsa.RSAPrivateKey):
+        return f"an RSA key ({key.key_size} bits)"
+    if isinstance(key, ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey):
+        return f"an EC {_JWK_CURVES.get(key.curve.name, key.curve.name)} key"
+    if isinstance(key, ed25519.Ed25519PublicKey | ed25519.Ed25519PrivateKey):
+        return "an Ed25519 key"
+    if isinstance(key, ed448.Ed448PublicKey | ed448.Ed448PrivateKey):
+        return "an Ed448 key"
+    return "a key"
 
 
 def parse_jwks(document: Any, source: str) -> tuple[list[VerifyKey], list[str]]:

@@ -5,13 +5,17 @@
     root = Section(substitute(tree, os.environ, problems), "", problems, {"listen", ...})
     listen = root.string("listen", "0.0.0.0:8080")   # a wrong type records a Problem
 
-Every problem is recorded with its key path (`apps[1].secrets[0]`) and never with the value,
-which may be a secret. Booleans are YAML 1.2's (`true`/`false`; `yes`, `on` stay strings), and a
-string produced by substitution is read as a number or boolean where the key takes one.
+Every problem is recorded with its key path (`apps[1].secrets[0]`). A message may quote the
+offending value (`quoted()`: an id, a name, a choice) but never one from `${VAR}` substitution,
+and never the value of a key that may hold a secret. Booleans are YAML 1.2's (`true`/`false`;
+`yes`, `on` stay strings), and a string produced by substitution is read as a number or
+boolean where the key takes one.
 """
 
 from __future__ import annotations
 
+import difflib
+import json
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, TypeVar
@@ -127,6 +131,43 @@ def substitute(value: Any, env: Mapping[str, str], problems: list[Problem], path
     return Substituted(_VAR.sub(replace, value))
 
 
+def quoted(value: object) -> str | None:
+    """`value` as a message may show it ("ghost-app", ASCII, shortened), or None when it came
+    from `${VAR}` substitution (it may be a secret) or is not a plain scalar."""
+    if isinstance(value, Substituted) or not isinstance(value, str | int | float | bool):
+        return None
+    text = json.dumps(value, ensure_ascii=True)
+    return text if len(text) <= 82 else text[:80] + '…"'
+
+
+def kind_of(value: object) -> str:
+    """What a YAML value is, for "must be a string, not a list" (the type, never the value)."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int | float):
+        return "a number"
+    if isinstance(value, str):
+        return "a string"
+    return "a list" if isinstance(value, list) else "a mapping"
+
+
+def substituted_strings(value: Any) -> frozenset[str]:
+    """Every string a `${VAR}` substitution produced in a YAML tree (kept out of messages)."""
+    found: set[str] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, Substituted):
+            found.add(str(item))
+        elif isinstance(item, dict):
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return frozenset(found)
+
+
 def join(path: str, key: object) -> str:
     return f"{path}.{key}" if path else str(key)
 
@@ -149,7 +190,9 @@ class Section:
         known = set(keys)
         for key in data:
             if key not in known:
-                self.problem(str(key), "unknown key")
+                close = difflib.get_close_matches(str(key), sorted(known), n=1)
+                hint = f' (did you mean "{close[0]}"?)' if close else ""
+                self.problem(str(key), "unknown key" + hint)
 
     def at(self, key: str) -> str:
         return join(self.path, key)
@@ -199,7 +242,9 @@ class Section:
     def choice(self, key: str, choices: tuple[str, ...], default: Any = _MISSING) -> str | None:
         def read(value: Any) -> str:
             if value not in choices:
-                raise ValueError("must be one of " + ", ".join(choices))
+                shown = quoted(value)
+                got = f", not {shown}" if shown else ""
+                raise ValueError("must be one of " + ", ".join(choices) + got)
             return str(value)
 
         return self.field(key, read, "one of " + ", ".join(choices), default)
@@ -211,13 +256,16 @@ def optional(read: Callable[[Any], T]) -> Callable[[Any], T | None]:
 
 def as_string(value: Any) -> str:
     if not isinstance(value, str):
-        raise ValueError("must be a string (quote it)")
+        raise ValueError(f"must be a string, not {kind_of(value)} (quote it)")
     return str(value)
 
 
 def as_strings(value: Any) -> tuple[str, ...]:
-    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-        raise ValueError("must be a list of strings")
+    if not isinstance(value, list):
+        raise ValueError(f"must be a list of strings, not {kind_of(value)}")
+    for index, item in enumerate(value):
+        if not isinstance(item, str):
+            raise ValueError(f"must be a list of strings ([{index}] is {kind_of(item)})")
     return tuple(str(v) for v in value)
 
 
@@ -228,7 +276,7 @@ def as_number(value: Any, minimum: float = 0) -> float:
         except ValueError:
             raise ValueError("must be a number") from None
     if isinstance(value, bool) or not isinstance(value, int | float) or value != value:
-        raise ValueError("must be a number")
+        raise ValueError(f"must be a number, not {kind_of(value) if value == value else 'NaN'}")
     if value < minimum or value == float("inf"):
         raise ValueError(f"must be a number of at least {minimum:g}")
     return value
@@ -241,7 +289,7 @@ def as_integer(value: Any, minimum: int = 0) -> int:
         except ValueError:
             raise ValueError("must be an integer") from None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError("must be an integer")
+        raise ValueError(f"must be an integer, not {kind_of(value)}")
     if value < minimum:
         raise ValueError(f"must be an integer of at least {minimum}")
     return value
@@ -251,5 +299,6 @@ def as_boolean(value: Any) -> bool:
     if isinstance(value, Substituted) and value.lower() in ("true", "false"):
         return value.lower() == "true"
     if not isinstance(value, bool):
-        raise ValueError("must be true or false")
+        shown = quoted(value) if isinstance(value, str) else None
+        raise ValueError(f"must be true or false, not {shown or kind_of(value)}")
     return value

@@ -100,12 +100,13 @@ def test_check_valid_and_five_mistakes(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert lines == [
-        f"{bad}: listen: must be HOST:PORT",
-        f"{bad}: apps[0].algorithms: mixes HS* and asymmetric algorithms; use two apps",
+        f'{bad}: listen: must be HOST:PORT, not "nowhere"',
+        f"{bad}: apps[0].algorithms: mixes HS* (HS256) and asymmetric (RS256) algorithms; "
+        "use two apps",
         f"{bad}: apps[1].secrets[0]: is 9 bytes; HS256 needs at least 32 "
         "(make one with: token-proxy keygen --alg HS256)",
-        f"{bad}: routes[0].apps[0]: names an unknown app",
-        f"{bad}: routes[1].auth: must be one of none, optional, required",
+        f'{bad}: routes[0].apps[0]: unknown app "ghost"',
+        f'{bad}: routes[1].auth: must be one of none, optional, required, not "sometimes"',
     ]
     assert SECRET_B64 not in result.stdout + result.stderr
     assert "dG9vLXNob3J0" not in result.stdout + result.stderr

@@ -576,3 +576,171 @@ def test_authorize_mode_needs_no_upstream_and_keeps_null_headers(tmp_path: Path)
     assert config.authorize.uri_header is None
     assert config.authorize.host_header == "X-Forwarded-Host"  # absent: the default
     assert config.authorize.strip_prefix == "/auth"
+
+
+# --- Messages name the offending value, never a secret or a substituted one (issue 18 §4) ---
+
+ROUTE_APP = {**HS_APP, "id": "real-app"}
+MESSAGES = [
+    pytest.param(
+        {**BASE, "apps": [ROUTE_APP], "routes": [{"path": "/x", "apps": ["ghost-app"]}]},
+        'routes[0].apps[0]: unknown app "ghost-app"',
+        id="unknown-app",
+    ),
+    pytest.param(
+        {**BASE, "routes": [{"path": "/x", "upstream": "billing"}]},
+        'routes[0].upstream: unknown upstream "billing"',
+        id="unknown-upstream",
+    ),
+    pytest.param(
+        {**BASE, "routes": [{"path": "/x", "methods": ["GET", "G E T"]}]},
+        'routes[0].methods[1]: "G E T" is not an HTTP method',
+        id="bad-method",
+    ),
+    pytest.param(
+        {**BASE, "routes": [{"path": "/a/{id}", "bind": {"userId": "path.user"}}]},
+        'routes[0].bind.userId: names the path parameter "user", which the pattern "/a/{id}" '
+        "does not have",
+        id="bind-unknown-param",
+    ),
+    pytest.param(
+        {**BASE, "routes": [{"path": "/x", "bind": {"userId": "body.user"}}]},
+        'routes[0].bind.userId: must be path.NAME, query.NAME or header.NAME, not "body.user"',
+        id="bind-bad-source",
+    ),
+    pytest.param(
+        with_app(algorithms=["HS256", "HS257"]),
+        'apps[0].algorithms[1]: unknown algorithm "HS257": must be one of ES256, ES384, ES512, '
+        "EdDSA, HS256, HS384, HS512, PS256, PS384, PS512, RS256, RS384, RS512",
+        id="unknown-algorithm",
+    ),
+    pytest.param(
+        with_app(algorithms=["none"]),
+        'apps[0].algorithms[0]: "none" is never accepted',
+        id="alg-none",
+    ),
+    pytest.param(
+        with_app(id="bad id!"),
+        'apps[0].id: "bad id!" is not 1-64 characters of A-Z a-z 0-9 . _ -',
+        id="bad-app-id",
+    ),
+    pytest.param(
+        {**BASE, "apps": [HS_APP, HS_APP]},
+        'apps[1].id: "a" is used by another app (apps[0])',
+        id="duplicate-app-id",
+    ),
+    pytest.param(
+        {**BASE, "token": {"sources": ["headr:Authorization"]}},
+        'token.sources[0]: "headr:Authorization": the kind must be header:, query: or cookie:',
+        id="bad-source-kind",
+    ),
+    pytest.param(
+        {**BASE, "upstream": {"url": "ftp://files.example/x"}},
+        "upstream.url: must be http://HOST[:PORT][/PATH], https://… or unix:/PATH "
+        '("ftp://files.example/x": the scheme is not http or https)',
+        id="upstream-scheme",
+    ),
+    pytest.param(
+        {**BASE, "upstream": {"url": "http://user:hunter2@up.example"}},
+        "upstream.url: must be http://HOST[:PORT][/PATH], https://… or unix:/PATH "
+        '("http://up.example": it has user:password (never sent upstream))',
+        id="upstream-userinfo-not-shown",
+    ),
+    pytest.param(
+        {
+            **BASE,
+            "apps": [
+                {
+                    "id": "idp",
+                    "match": {},
+                    "algorithms": ["RS256"],
+                    "jwks_url": "http://idp.example/jwks",
+                }
+            ],
+        },
+        "apps[0].jwks_url: jwks_url must be https (http only for 127.0.0.0/8, ::1, localhost), "
+        'not "http://idp.example/jwks"',
+        id="jwks-url-not-https",
+    ),
+    pytest.param(
+        {**BASE, "log": {"level": "verbose"}},
+        'log.level: must be one of debug, info, warning, error, not "verbose"',
+        id="bad-choice",
+    ),
+    pytest.param(
+        {**BASE, "forward": {"token": "yes"}},
+        'forward.token: must be true or false, not "yes"',
+        id="yaml-12-boolean",
+    ),
+    pytest.param(
+        {**BASE, "shutdown_timeout": [30]},
+        "shutdown_timeout: must be a number, not a list",
+        id="wrong-type-named",
+    ),
+    pytest.param(
+        with_app(secretz=["x"]),
+        'apps[0].secretz: unknown key (did you mean "secrets"?)',
+        id="unknown-key-suggests",
+    ),
+    pytest.param(
+        with_app(public_keys=["absent.pem"], algorithms=["RS256"], secrets=None),
+        'apps[0].public_keys[0]: file "absent.pem" cannot be read (no such file)',
+        id="missing-key-file-only",  # and no "needs public_keys, ..." on top
+    ),
+]
+
+
+@pytest.mark.parametrize(("data", "message"), MESSAGES)
+def test_messages_name_the_offending_value(tmp_path: Path, data: Any, message: str) -> None:
+    assert problems(tmp_path, data) == [f"{tmp_path / 'proxy.yaml'}: {message}"]
+
+
+def test_substituted_values_are_never_named(tmp_path: Path) -> None:
+    """The same mistakes, with each value from `${VAR}`: the message keeps the rule, drops the
+    value (it may be a secret the operator keeps in the environment)."""
+    env = {
+        "APP": "ghost-app-QZX",
+        "METHOD": "G E T QZX",
+        "URL": "ftp://QZX.example",
+        "JWKS": "http://QZX.example/jwks",
+        "LEVEL": "QZXverbose",
+        "ID": "bad id QZX",
+    }
+    text = """
+upstream: {url: "${URL}"}
+log: {level: "${LEVEL}"}
+apps:
+  - {id: "${ID}", match: {}, algorithms: [RS256], jwks_url: "${JWKS}"}
+  - {id: "x-${ID}-y", algorithms: [HS256], secrets: ["QZXsecret-not-base64*"]}
+routes:
+  - {path: /x, apps: ["${APP}"], methods: ["${METHOD}"]}
+"""
+    found = problems(tmp_path, text, env)
+    joined = "\n".join(found)
+    assert "QZX" not in joined
+    assert 'unknown app"' not in joined
+    file = tmp_path / "proxy.yaml"
+    assert f"{file}: routes[0].apps[0]: unknown app" in found
+    assert f"{file}: routes[0].methods[0]: the value is not an HTTP method" in found
+    assert f"{file}: log.level: must be one of debug, info, warning, error" in found
+
+
+def test_jwks_file_problems_once_per_key_with_the_library_reason(
+    tmp_path: Path, keys: KeyFiles
+) -> None:
+    """Two unfit keys: one line each, naming keys[i]; a bad JWK keeps PyJWT's explanation."""
+    short = keys.jwk("ec521", kid="short")
+    short["x"] = short["x"][:-4]
+    document = {"keys": [keys.jwk("ec", kid="e1"), keys.jwk("ed", kid="e2"), short]}
+    (tmp_path / "jwks.json").write_text(json.dumps(document))
+    found = problems(tmp_path, asym(keys, jwks_file="jwks.json"))
+    file = tmp_path / "proxy.yaml"
+    assert found == [
+        f"{file}: apps[0].jwks_file: keys[2] is not a valid JWK "
+        "(Coords should be 66 bytes for curve P-521)",
+        f"{file}: apps[0].jwks_file: keys[0] holds an EC P-256 key, which fits none of the "
+        "app's algorithms (RS256)",
+        f"{file}: apps[0].jwks_file: keys[1] holds an Ed25519 key, which fits none of the "
+        "app's algorithms (RS256)",
+    ]
+    assert short["x"] not in "\n".join(found)
