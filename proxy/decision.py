@@ -108,7 +108,11 @@ async def decide(
     view: RequestView, config: Config, verifier: Verifier, now: float, trace: Trace = None
 ) -> Decision:
     """Steps 1-8: a Decision to forward, or a Rejection."""
-    target = split_target(view.target, view.headers.get("Host"))
+    try:
+        target = split_target(view.target, view.headers.get("Host"))
+    except Rejection as rejection:
+        note(trace, "path", False, rejection.detail)
+        raise
     if trace is not None:  # (guarded: the details are strings built for `inspect` only)
         trace.append(("path", True, f"normalised to {target.path}"))
     try:
@@ -312,6 +316,7 @@ async def explain(
     try:
         decided: Decision | Rejection = await decide(view, config, verifier, now, steps)
     except Rejection as rejection:
-        steps.append(("decision", False, rejection.detail))
+        if not steps or steps[-1][1]:  # every check notes its own failure; this is a fallback
+            steps.append(("decision", False, rejection.detail))
         decided = rejection
     return Explanation(steps, decided)

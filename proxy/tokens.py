@@ -216,6 +216,15 @@ def _is_time(value: Any) -> bool:
     return isinstance(value, float) and math.isfinite(value)
 
 
+def seconds(value: float) -> str:
+    """A duration for a message in plain seconds: "204721000s", "1.5s" (never "2.04721e+08s")."""
+    if abs(value) >= 1e15:  # a time claim may be up to 2^63: plain digits would be unreadable
+        return ("-" if value < 0 else "") + "more than 10^15 s"
+    if abs(value) >= 100:
+        return f"{value:.0f}s"
+    return f"{value:.3f}".rstrip("0").rstrip(".") + "s"
+
+
 def strings_in(value: Any) -> Iterator[str]:
     """Every string in a JSON value, member names included, at any depth (no recursion: a
     payload json.loads accepted may nest deeper than Python's stack)."""
@@ -340,14 +349,22 @@ class Verifier:
 
     async def verify_fresh(self, token: str, now: float, trace: Trace = None) -> Verified:
         """Steps 4-7 in full, then into the cache."""
-        parsed = parse(token, self.settings.max_length)
+        try:
+            parsed = parse(token, self.settings.max_length)
+        except Rejection as rejection:
+            note(trace, "structure", False, rejection.detail)
+            raise
         note(trace, "structure", True, f"alg {parsed.alg}, typ and crit fine")
-        app = self.select_app(parsed)
+        try:
+            app = self.select_app(parsed)
+        except Rejection as rejection:
+            note(trace, "app", False, rejection.detail)
+            raise
         note(trace, "app", True, f"app {app.id}")
         if parsed.alg not in app.algorithms:
-            raise Rejection(
-                Reason.ALG_NOT_ALLOWED, f"{parsed.alg} is not in the app's algorithms", app=app.id
-            )
+            detail = f"{parsed.alg} is not in the app's algorithms ({', '.join(app.algorithms)})"
+            note(trace, "algorithm", False, detail)
+            raise Rejection(Reason.ALG_NOT_ALLOWED, detail, app=app.id)
         note(trace, "algorithm", True, f"{parsed.alg} is allowed")
         key = await self.check_signature(parsed, app, now, trace)
         verified = self.check_claims(parsed.payload, app, now, key, trace)
@@ -381,18 +398,22 @@ class Verifier:
                 if algorithm.verify(parsed.signing_input, secret, parsed.signature):
                     note(trace, "signature", True, f"verified with secrets[{index}]")
                     return f"secrets[{index}]"
+            note(trace, "signature", False, f"none of {len(app.secrets)} secret(s) verifies it")
             raise Rejection(Reason.BAD_SIGNATURE, "no secret verifies the signature", app=app.id)
         keys = self.keys[app.id]
         jwks = keys.jwks
         if not keys.available(now):
             retry = jwks.retry_after(now) if jwks else 1
+            note(trace, "key", False, f"no usable key yet (retry after {retry}s)")
             raise Rejection(
                 Reason.KEYS_UNAVAILABLE, "no usable key yet", app=app.id, retry_after=retry
             )
         kid = parsed.header.get("kid")
         candidates = keys.candidates(parsed.alg, kid, now)
         if kid is not None and jwks and not any(key.kid == kid for key in candidates):
-            note(trace, "key", False, f"kid {kid!r} unknown; refetching {jwks.url}")
+            note(
+                trace, "key refetch", True, f"kid {kid!r} not among the keys; refetched {jwks.url}"
+            )
             if await jwks.refetch_for_kid(now):
                 candidates = keys.candidates(parsed.alg, kid, now)
         if not candidates:
@@ -400,6 +421,8 @@ class Verifier:
                 # No key fits the algorithm at all: no key verifies (SPEC §4 step 6).
                 note(trace, "key", False, f"no key of the app fits {parsed.alg}")
                 raise Rejection(Reason.BAD_SIGNATURE, "no key fits the algorithm", app=app.id)
+            detail = f"no key has kid {kid!r}" if kid is not None else "more than one key fits"
+            note(trace, "key", False, detail)
             raise Rejection(Reason.UNKNOWN_KID, "no key has this kid (or too many fit)", app=app.id)
         note(trace, "key", True, f"{len(candidates)} key(s) to try")
         for key in candidates:
@@ -407,6 +430,7 @@ class Verifier:
                 name = f"kid {key.kid} from {key.source}" if key.kid else key.source
                 note(trace, "signature", True, f"verified with {name}")
                 return name
+        note(trace, "signature", False, f"none of {len(candidates)} key(s) verifies it")
         raise Rejection(Reason.BAD_SIGNATURE, "no key verifies the signature", app=app.id)
 
     def check_claims(
@@ -414,13 +438,14 @@ class Verifier:
     ) -> Verified:
         """Step 7: the claim checks in the contract's order."""
 
-        def fail(reason: Reason, detail: str) -> Rejection:
-            note(trace, "claims", False, detail)
+        def fail(reason: Reason, detail: str, step: str = "claims") -> Rejection:
+            note(trace, step, False, detail)
             return Rejection(reason, detail, app=app.id)
 
         for name in ("exp", "nbf", "iat"):
             if name in claims and not _is_time(claims[name]):
-                raise fail(Reason.MALFORMED, f"{name} is not a finite number within ±2^63")
+                detail = f"{name} is not a finite number within ±2^63"
+                raise fail(Reason.MALFORMED, detail, "times")
         if any(_SURROGATE.search(text) for text in strings_in(claims)):
             raise fail(Reason.MALFORMED, "a string claim is not valid Unicode (a lone surrogate)")
         if "iss" in claims and not isinstance(claims["iss"], str):
@@ -430,16 +455,20 @@ class Verifier:
         leeway = self.settings.leeway
         exp, nbf, iat = claims.get("exp"), claims.get("nbf"), claims.get("iat")
         if exp is not None and exp + leeway <= now:
-            raise fail(Reason.EXPIRED, "exp is in the past")
-        if nbf is not None and nbf > now + leeway:
-            raise fail(Reason.NOT_YET_VALID, "nbf is in the future")
-        if iat is not None and iat > now + leeway:
-            raise fail(Reason.NOT_YET_VALID, "iat is in the future")
+            detail = f"exp is {seconds(now - exp)} in the past (leeway {seconds(leeway)})"
+            raise fail(Reason.EXPIRED, detail, "times")
+        for name, when in (("nbf", nbf), ("iat", iat)):
+            if when is not None and when > now + leeway:
+                detail = f"{name} is {seconds(when - now)} in the future (leeway {seconds(leeway)})"
+                raise fail(Reason.NOT_YET_VALID, detail, "times")
         if app.max_lifetime is not None and exp is not None:
             lifetime = exp - (iat if iat is not None else now)
             if lifetime > app.max_lifetime:
-                raise fail(Reason.LIFETIME_TOO_LONG, f"lives {lifetime:g}s, over max_lifetime")
-        note(trace, "times", True, "exp, nbf, iat and lifetime fine")
+                detail = f"lives {seconds(lifetime)}, over max_lifetime {seconds(app.max_lifetime)}"
+                raise fail(Reason.LIFETIME_TOO_LONG, detail, "times")
+        if trace is not None:
+            left = f"; expires in {seconds(exp - now)}" if exp is not None else ""
+            trace.append(("times", True, f"exp, nbf, iat and lifetime fine{left}"))
         # A discovery app without `issuer` takes its document's, read at check time.
         keys = self.keys.get(app.id)
         issuers = keys.issuers() if keys is not None else app.issuer

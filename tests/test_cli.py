@@ -375,6 +375,90 @@ def test_inspect_uses_the_route_sources(tmp_path: Path) -> None:
     assert "found in header:Authorization" in other.stdout
 
 
+def _inspect_json(config: Path, token: str) -> tuple[int, dict[str, Any]]:
+    result = run("inspect", "--config", str(config), "--json", token, env=ENV)
+    return result.returncode, json.loads(result.stdout)
+
+
+def _failing(report: dict[str, Any]) -> list[tuple[str, str]]:
+    return [(step["step"], step["detail"]) for step in report["steps"] if not step["ok"]]
+
+
+def test_inspect_names_the_failing_step(tmp_path: Path, keys: KeyFiles) -> None:
+    """A bit-flipped token fails at `signature`, a malformed one at `structure`, an unknown
+    kid at `key`, each once and under its own name (not `key ok, decision FAIL`)."""
+    config = write_config(tmp_path, APPS)
+    good = mint(ttl=60, **claims())
+    flipped = good[:-2] + ("AA" if good[-2:] != "AA" else "BB")
+    code, report = _inspect_json(config, flipped)
+    assert (code, report["reason"]) == (1, "bad_signature")
+    assert _failing(report) == [("signature", "none of 1 secret(s) verifies it")]
+    human = run("inspect", "--config", str(config), flipped, env=ENV).stdout
+    assert "FAIL  signature: none of 1 secret(s) verifies it" in human
+    assert "decision" not in human
+    code, report = _inspect_json(config, "abc.def")
+    assert _failing(report) == [("structure", "the token is not three base64url segments")]
+
+    (tmp_path / "jwks.json").write_text(json.dumps({"keys": [keys.jwk("rsa", kid="k-1")]}))
+    app = {"id": "idp", "algorithms": ["RS256"], "jwks_file": "jwks.json"}
+    rsa_config = write_config(tmp_path, {**APPS, "apps": [app]}, "rsa.yaml")
+    other = jwt.encode(
+        {"exp": int(time.time()) + 60}, keys.private["rsa"], "RS256", headers={"kid": "k-2"}
+    )
+    code, report = _inspect_json(rsa_config, other)
+    assert (code, report["reason"]) == (1, "unknown_kid")
+    assert _failing(report) == [("key", "no key has kid 'k-2'")]
+
+
+def test_inspect_time_checks_in_plain_seconds_with_the_limit(tmp_path: Path) -> None:
+    config = write_config(tmp_path, APPS)
+    now = time.time()
+    expired = mint(ttl=60, now=now - 1000, **claims())
+    _, report = _inspect_json(config, expired)
+    [(step, detail)] = _failing(report)
+    assert step == "times"
+    assert detail.startswith("exp is 94") and detail.endswith("s in the past (leeway 30s)")
+    # exp in 6.5 years: over max_lifetime 120, printed as seconds, not 2.04721e+08s
+    far = mint(ttl=204_721_000, now=now, **claims())
+    _, report = _inspect_json(config, far)
+    assert _failing(report) == [("times", "lives 204721000s, over max_lifetime 120s")]
+    future = mint(ttl=60, nbf=int(now) + 3600, **claims())
+    _, report = _inspect_json(config, future)
+    [(step, detail)] = _failing(report)
+    assert step == "times" and detail.startswith("nbf is 3") and "(leeway 30s)" in detail
+    _, ok = _inspect_json(config, mint(ttl=60, **claims()))
+    assert next(s["detail"] for s in ok["steps"] if s["step"] == "times").startswith(
+        "exp, nbf, iat and lifetime fine; expires in "
+    )
+    assert not any("e+" in step["detail"] for step in report["steps"] + ok["steps"])
+
+
+def test_check_prints_each_key_problem_once(tmp_path: Path, keys: KeyFiles) -> None:
+    """Two unfit keys in a JWKS file: one line each, with keys[i]; a bad JWK keeps the
+    library's reason; an unreadable public_keys file is one problem, not two."""
+    short = keys.jwk("ec521", kid="short")
+    short["y"] = short["y"][:-4]
+    document = {"keys": [keys.jwk("ec", kid="a"), keys.jwk("ed", kid="b"), short]}
+    (tmp_path / "jwks.json").write_text(json.dumps(document))
+    apps = [
+        {"id": "idp", "match": {}, "algorithms": ["RS256"], "jwks_file": "jwks.json"},
+        {"id": "pem", "algorithms": ["ES256"], "public_keys": ["missing.pem"]},
+    ]
+    config = write_config(tmp_path, {**APPS, "apps": apps})
+    result = run("check", "--config", str(config))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{config}: apps[0].jwks_file: keys[2] is not a valid JWK "
+        "(Coords should be 66 bytes for curve P-521)",
+        f"{config}: apps[0].jwks_file: keys[0] holds an EC P-256 key, which fits none of the "
+        "app's algorithms (RS256)",
+        f"{config}: apps[0].jwks_file: keys[1] holds an Ed25519 key, which fits none of the "
+        "app's algorithms (RS256)",
+        f'{config}: apps[1].public_keys[0]: file "missing.pem" cannot be read (no such file)',
+    ]
+    assert short["y"] not in result.stderr
+
+
 # --- The demo's curl lines work as printed ------------------------------------------------------
 
 
