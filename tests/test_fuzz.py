@@ -8,7 +8,7 @@ The proxy runs as users run it, a subprocess, with nginx (a fixed `ok` answer th
 nothing) upstream, so whatever of a request shows up in an answer came from the proxy.
 Each example: no 500, no token or marker in any answer; after the whole run the process is
 alive, still answers a normal request 200, and its RSS grew by less than 30 MB.
-`bench/fuzz.py` runs the million-input version (README "Performance").
+`bench/fuzz.py` runs the million-input version (bench/README.md).
 """
 
 from __future__ import annotations

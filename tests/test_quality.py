@@ -54,3 +54,26 @@ def test_security_md_names_tests_that_exist() -> None:
             elif name and name not in _functions(path):
                 missing.append(f"{file}::{name}")
     assert not missing, missing
+
+
+def test_every_reason_is_in_the_readme_table() -> None:
+    """The README's reason table lists every `Reason` with the contract's status, code, name."""
+    from proxy.errors import CONTRACT, Reason
+
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    rows = dict(re.findall(r"^\| `([a-z_]+)` \| (\d+ / \d+ / \w+) \|", readme, re.MULTILINE))
+    for reason in Reason:
+        outcome = CONTRACT[reason]
+        assert rows.get(reason.value) == f"{outcome.status} / {outcome.code} / {outcome.name}", (
+            reason
+        )
+
+
+def test_readme_starts_with_the_demo_and_the_ci_command() -> None:
+    """The first code block: the demo, then the very command `.ci/run` runs."""
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = readme.split("```sh\n", 1)[1].split("```", 1)[0].splitlines()
+    assert block[0].endswith(".venv/bin/token-proxy demo")
+    ci = (ROOT / ".ci" / "run").read_text(encoding="utf-8")
+    command = next(line for line in ci.splitlines() if ".venv/bin/pytest" in line)
+    assert block[1] in command.replace(" -q", "")
