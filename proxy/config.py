@@ -168,10 +168,6 @@ class App:
     discovery_url: str | None = None  # gives the JWKS URL and, without `issuer`, the issuer
     ca_file: str | None = None  # extra CA bundle for jwks_url / discovery_url (resolved path)
 
-    @property
-    def symmetric(self) -> bool:
-        return any(alg in jwk.HS_MIN_BYTES for alg in self.algorithms)
-
 
 @dataclass(frozen=True, slots=True)
 class Binding:

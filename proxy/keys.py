@@ -17,7 +17,6 @@ Keys named inside a token (`jwk`, `jku`, `x5u`, `x5c`) are never used.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import math
 import os
@@ -397,9 +396,3 @@ class AppKeys:
                 return named
             fitting = [key for key in fitting if key.kid is None]
         return fitting if len(fitting) <= MAX_KIDLESS else []
-
-
-async def close_quietly(task: asyncio.Task[None]) -> None:
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task

@@ -1,7 +1,7 @@
 """The plain input of the decision: what the core needs to know about one request.
 
     view = RequestView("GET", "/v1/users/42?x=1", CIMultiDict({"Authorization": "Bearer ..."}))
-    decision = await decide(view, state, now=time.time())
+    decision = await decide(view, config, verifier, now=time.time())  # trace=[] for inspect
 
 The aiohttp shell builds it from a live request, `inspect` builds it from the command line; the
 core never sees aiohttp's request objects.
@@ -21,7 +21,7 @@ class RequestView:
     and whether a body comes (Content-Length > 0 or chunked: then OPTIONS is no preflight)."""
 
     # The request path's records are plain classes, not named tuples or dataclasses: compiled
-    # (mypyc), one is made in 35 ns against 300-450 ns, and a request makes five.
+    # (mypyc), those are much slower to make (bench/README.md, "Why the code looks so").
     __slots__ = ("has_body", "headers", "method", "peer", "scheme", "target")
 
     def __init__(

@@ -23,7 +23,7 @@ _string: Final = encode_basestring_ascii  # a JSON string literal, escaped (C)
 # process's write, so workers sharing one stdout pipe never interleave inside a line.
 _ATOMIC: Final = 4096
 # "000" to "999" by index: milliseconds and microseconds without a float format per line
-# ("%.3f" cost ~2k instructions, as much as the rest of a number).
+# (a "%.3f" costs as much as the rest of a number: bench/README.md, "Why the code looks so").
 _THREE: Final = tuple("%03d" % n for n in range(1000))  # noqa: UP031
 
 

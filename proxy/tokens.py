@@ -312,7 +312,7 @@ class Verifier:
         # token -> (Verified, deadline), the deadline checked here. Full, it evicts the oldest
         # entry, not the least recently used: every entry goes cache_ttl after insertion anyway,
         # so an evicted hot token costs one early re-verification. A hit is one Python call
-        # where LRUCache.get() makes four (-2k instructions, a fifth of a cache hit's check).
+        # where LRUCache.get() makes four (bench/README.md, "Why the code looks so").
         self.cache: Cache[str, tuple[Verified, float]] | None = (
             Cache(maxsize=size) if size else None
         )

@@ -3,7 +3,7 @@
     exit_code = supervise("config/proxy.yaml", Overrides(), workers=2)
 
 Each worker is `token-proxy serve --workers 1` with SO_REUSEPORT, no admin listener, its
-metrics in prometheus-client's multiprocess files and its readiness in a small status file.
+metrics in its own memory-mapped file (`metrics.py`) and its readiness in a small status file.
 The supervisor forwards SIGHUP/SIGTERM/SIGINT, restarts a worker that dies (backing off from
 1 s to 30 s), serves the admin listener over all workers, and exits 0 once all have drained.
 """
