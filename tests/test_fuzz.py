@@ -13,107 +13,34 @@ alive, still answers a normal request 200, and its RSS grew by less than 30 MB.
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import os
+import random
 import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
-from dataclasses import dataclass
-from pathlib import Path
 
-import jwt
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from tests.conftest import free_port
-from tests.nginx import NGINX, start_nginx
+from tests.fuzzgen import MARKER, Corpus, Served, leaked, serve, token
+from tests.nginx import NGINX
 
-SECRET = b"z" * 40
-MARKER = "QjMarkerInsideTheRequestXv"  # never in an answer
-
-
-def _token(**claims: object) -> str:
-    now = int(time.time())
-    payload: dict[str, object] = {"iat": now, "exp": now + 3600, "appId": "app-1"}
-    payload.update(claims)
-    return jwt.encode(payload, SECRET, algorithm="HS256")
-
-
-TOKEN = _token(userId="42")
-LONG_TOKEN = _token(userId="42", pad="p" * 8000)  # ~10,800 characters: over 8190
-SECRETS = (TOKEN, LONG_TOKEN, MARKER)
-
-
-def _config(port: int, upstream: str) -> str:
-    secret = base64.b64encode(SECRET).decode()
-    return f"""
-listen: "127.0.0.1:{port}"
-admin_listen: null
-log: {{level: error, access: false}}
-upstream: {{url: "{upstream}"}}
-token:
-  sources: ["header:Authorization", "query:access_token", "cookie:tok"]
-  max_length: 12000
-apps:
-  - {{id: app-1, match: {{claim: appId}}, algorithms: [HS256], secrets: ["{secret}"]}}
-routes:
-  - {{path: "/open/*", auth: none}}
-  - {{path: "/opt/*", auth: optional}}
-  - {{path: "/v1/users/{{userId}}/*", methods: [GET, POST], bind: {{userId: path.userId}}}}
-  - {{path: "/*", auth: required}}
-"""
-
-
-@dataclass
-class Served:
-    port: int
-    process: subprocess.Popen[bytes]
-    stderr: Path
-
-    def rss_kb(self) -> int:
-        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-        raise AssertionError("no VmRSS")
+TOKEN = token(userId="42")
+LONG_TOKEN = token(userId="42", pad="p" * 8000)  # ~10,800 characters: over 8190
+CORPUS = Corpus()  # bench/fuzz.py's seeded mutator, a bounded sample of it here
+SECRETS = [TOKEN, LONG_TOKEN, MARKER, *CORPUS.secrets]
 
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     if NGINX is None:
         pytest.skip("nginx is not installed (.ci/run installs Debian's nginx package)")
-    work = tmp_path_factory.mktemp("fuzz")
-    (work / "nginx").mkdir()
-    upstream = start_nginx(work / "nginx", answer="ok", access_log=False)
-    port = free_port()
-    config = work / "proxy.yaml"
-    config.write_text(_config(port, upstream.url))
-    stderr = work / "stderr"
-    with stderr.open("wb") as err:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "proxy", "serve", "--config", str(config)],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)},
-        )
+    running = serve(tmp_path_factory.mktemp("fuzz"))
     try:
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-                break
-            except OSError:
-                assert process.poll() is None, stderr.read_text()
-                assert time.monotonic() < deadline, "the proxy did not start"
-                time.sleep(0.05)
-        yield Served(port, process, stderr)
+        yield running
     finally:
-        process.terminate()
-        process.wait(10)
-        upstream.stop()
+        running.stop()
 
 
 def exchange(port: int, data: bytes, idle: float = 0.25) -> bytes:
@@ -139,16 +66,6 @@ def normal(served: Served) -> bytes:
         + f"Authorization: Bearer {TOKEN}\r\n\r\n".encode(),
         idle=5,
     )
-
-
-def leaked(answer: bytes) -> str | None:
-    """The secret (or 24 bytes of one, from any offset) an answer carries."""
-    for secret in SECRETS:
-        raw = secret.encode()
-        for start in range(0, max(1, len(raw) - 24), 24):
-            if raw[start : start + 24] in answer:
-                return secret[:8] + "…"
-    return None
 
 
 # --- Requests a client could send: every part drawn from values that matter ------------------
@@ -240,6 +157,10 @@ def request_bytes(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
+def _mutated(rng: random.Random) -> bytes:
+    return CORPUS.mutate(rng)
+
+
 def test_fuzzed_requests(served: Served) -> None:
     """No 500, no token in an answer, the process alive and serving, RSS bounded."""
     assert normal(served).startswith(b"HTTP/1.1 200")
@@ -252,11 +173,11 @@ def test_fuzzed_requests(served: Served) -> None:
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
         database=None,
     )
-    @given(request_bytes())
+    @given(request_bytes() | st.randoms(use_true_random=False).map(_mutated))
     def check(raw: bytes) -> None:
         answer = exchange(served.port, raw)
         assert b"HTTP/1.1 500" not in answer and b"HTTP/1.0 500" not in answer
-        assert leaked(answer) is None, f"a token in the answer to {raw[:80]!r}"
+        assert leaked(answer, SECRETS) is None, f"a token in the answer to {raw[:80]!r}"
         assert served.process.poll() is None, served.stderr.read_text()[-2000:]
 
     check()
@@ -273,21 +194,21 @@ def test_over_long_line_never_echoes_its_token(served: Served, where: str) -> No
     judged like any other (valid: forwarded), and only a longer line gets the fixed 400/431,
     which echoes nothing."""
 
-    def request(token: str) -> bytes:
+    def request(value: str) -> bytes:
         if where == "query":
-            target, header = f"/api/x?access_token={token}", ""
+            target, header = f"/api/x?access_token={value}", ""
         else:
-            target, header = "/api/x", f"Authorization: Bearer {token}\r\n"
+            target, header = "/api/x", f"Authorization: Bearer {value}\r\n"
         return f"GET {target} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{header}\r\n".encode()
 
     judged = exchange(served.port, request(LONG_TOKEN), idle=5)
     status = int(judged.split(b" ", 2)[1])
     assert status == 200, judged[:200]
-    assert leaked(judged) is None
-    over = _token(userId="42", pad="p" * 12000)  # ~16,000 characters: over every limit
+    assert leaked(judged, SECRETS) is None
+    over = token(userId="42", pad="p" * 12000)  # ~16,000 characters: over every limit
     refused = exchange(served.port, request(over), idle=5)
     assert refused.split(b" ", 2)[1] in (b"400", b"401", b"414", b"431"), refused[:200]
-    assert leaked(refused) is None and over[-40:].encode() not in refused
+    assert leaked(refused, SECRETS) is None and over[-40:].encode() not in refused
 
 
 @pytest.mark.parametrize(
