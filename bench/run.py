@@ -121,12 +121,46 @@ class Server:
         return descendants(self.process.pid)
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
+        stop(self.process)
+
+
+def spawn(cpu: str, command: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+    """`command` pinned to `cpu` (the layout: the proxy alone on one core)."""
+    return subprocess.Popen(["taskset", "-c", cpu, *command], **kwargs)
+
+
+def stop(process: subprocess.Popen[bytes], timeout: float = 15) -> None:
+    """SIGTERM (the proxy drains, nginx quits), then SIGKILL after `timeout`."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def nginx_command(work: Path, port: int) -> list[str]:
+    """The upstream of every bench: nginx answering a fixed 200 "ok" on `port`, keep-alive
+    unbounded, its files in `work`."""
+    (work / "nginx").mkdir(exist_ok=True)
+    conf = work / "nginx.conf"
+    conf.write_text(f"""
+worker_processes 1;
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    client_body_temp_path {work}/nginx;
+    keepalive_requests 1000000;
+    server {{
+        listen 127.0.0.1:{port} backlog=4096;
+        client_max_body_size 0;
+        location / {{ return 200 "ok"; }}
+    }}
+}}
+""")
+    return ["nginx", "-c", str(conf), "-p", str(work), "-g", "daemon off;"]
 
 
 class Bench:
@@ -168,9 +202,7 @@ class Bench:
 
     def spawn(self, name: str, cpu: str, command: list[str], url: str, **kwargs: Any) -> Server:
         log = (self.work / f"{name}.log").open("wb")
-        process = subprocess.Popen(
-            ["taskset", "-c", cpu, *command], stdout=log, stderr=log, **kwargs
-        )
+        process = spawn(cpu, command, stdout=log, stderr=log, **kwargs)
         server = Server(name, url, process)
         self.servers.append(server)
         wait_http(url + "/healthz" if name != "nginx" else url)
@@ -178,29 +210,8 @@ class Bench:
 
     def nginx(self) -> Server:
         port = free_port()
-        (self.work / "nginx").mkdir(exist_ok=True)
-        conf = self.work / "nginx.conf"
-        conf.write_text(f"""
-worker_processes 1;
-pid {self.work}/nginx.pid;
-error_log {self.work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {self.work}/nginx;
-    keepalive_requests 1000000;
-    server {{
-        listen 127.0.0.1:{port} backlog=4096;
-        client_max_body_size 0;
-        location / {{ return 200 "ok"; }}
-    }}
-}}
-""")
         return self.spawn(
-            "nginx",
-            LOAD_CPU,
-            ["nginx", "-c", str(conf), "-p", str(self.work), "-g", "daemon off;"],
-            f"http://127.0.0.1:{port}",
+            "nginx", LOAD_CPU, nginx_command(self.work, port), f"http://127.0.0.1:{port}"
         )
 
     def haproxy(self, alg: str, upstream: str) -> Server:

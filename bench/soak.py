@@ -29,7 +29,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -43,10 +42,8 @@ from typing import Any
 
 import jwt
 import yaml
+from run import LOAD_CPU, PROXY_CPU, PYTHON, ROOT, free_port, nginx_command, spawn, stop, wait_http
 
-ROOT = Path(__file__).resolve().parent.parent
-PYTHON = str(ROOT / ".venv" / "bin" / "python")
-PROXY_CPU, LOAD_CPU = "0", "1"
 SECRET = b"soak-secret-that-is-long-enough-for-hs256!!"
 OTHER = b"soak-other-secret-also-long-enough-for-hs256"
 # The rotation every connection sends: 7 valid, 1 expired, 1 bad signature, 1 missing.
@@ -60,23 +57,6 @@ EXPECTED: dict[str, tuple[int, int | None, str]] = {
 }
 _REQUESTS = re.compile(r"^token_proxy_requests_total\{(.*)\} (\S+)$", re.MULTILINE)
 _RELOADS = re.compile(r'^token_proxy_reloads_total\{result="(\w+)"\} (\S+)$', re.MULTILINE)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def wait_http(url: str, seconds: float = 20) -> None:
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        try:
-            urllib.request.urlopen(url, timeout=1).close()
-            return
-        except OSError:
-            time.sleep(0.1)
-    raise RuntimeError(f"{url} did not come up")
 
 
 def fetch(url: str) -> str:
@@ -124,27 +104,8 @@ class Servers:
         self.stdout = work / "proxy.log"
 
     def nginx(self) -> None:
-        (self.work / "nginx").mkdir(exist_ok=True)
-        conf = self.work / "nginx.conf"
-        conf.write_text(f"""
-worker_processes 1;
-pid {self.work}/nginx.pid;
-error_log {self.work}/nginx-error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-    access_log off;
-    client_body_temp_path {self.work}/nginx;
-    keepalive_requests 1000000;
-    server {{
-        listen 127.0.0.1:{self.upstream_port} backlog=4096;
-        location / {{ return 200 "ok"; }}
-    }}
-}}
-""")
-        command = ["nginx", "-c", str(conf), "-p", str(self.work), "-g", "daemon off;"]
-        self.processes.append(
-            subprocess.Popen(["taskset", "-c", LOAD_CPU, *command], stderr=subprocess.DEVNULL)
-        )
+        command = nginx_command(self.work, self.upstream_port)
+        self.processes.append(spawn(LOAD_CPU, command, stderr=subprocess.DEVNULL))
         wait_http(f"http://127.0.0.1:{self.upstream_port}/")
 
     def write_config(self, version: int) -> None:
@@ -171,19 +132,14 @@ http {{
         self.write_config(0)
         command = [self.python, "-m", "proxy", "serve", "--config", str(self.config)]
         with self.stdout.open("wb") as out:
-            process = subprocess.Popen(["taskset", "-c", PROXY_CPU, *command], stdout=out, cwd=ROOT)
+            process = spawn(PROXY_CPU, command, stdout=out, cwd=ROOT)
         self.processes.append(process)
         wait_http(f"http://127.0.0.1:{self.admin}/readyz")
         return process
 
     def stop(self) -> None:
         for process in reversed(self.processes):
-            if process.poll() is None:
-                process.send_signal(signal.SIGTERM)
-                try:
-                    process.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    process.kill()
+            stop(process, timeout=30)
 
 
 # --- The load -----------------------------------------------------------------------------------
