@@ -477,25 +477,31 @@ def free_port_pair() -> int:
     raise AssertionError("no two consecutive free ports")
 
 
+def start_demo(port: int) -> tuple[subprocess.Popen[str], list[str]]:
+    """`token-proxy demo` on `port` (and `port + 1`), and the banner it printed up to Ctrl-C."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "demo", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline:
+        line = process.stdout.readline()
+        lines.append(line.rstrip("\n"))
+        if line.startswith("Ctrl-C") or not line:
+            break
+    return process, lines
+
+
 def test_demo_curl_lines_work_as_printed() -> None:
     if shutil.which("curl") is None:
         pytest.skip("curl is not installed")
     port = free_port_pair()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "demo", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process, lines = start_demo(port)
     try:
-        assert process.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            lines.append(line.rstrip("\n"))
-            if line.startswith("Ctrl-C") or not line:
-                break
         curls = [line for line in lines if line.startswith("curl ")]
         assert len(curls) == 4, lines
         expected = [(200, None), (401, 40), (401, 39), (403, 38)]

@@ -11,9 +11,6 @@ import os
 import re
 import shutil
 import signal
-import subprocess
-import sys
-import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -22,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from tests.test_cli import free_port_pair
+from tests.test_cli import free_port_pair, start_demo
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -37,21 +34,8 @@ WAIT = 20  # seconds any one thing may take to show up on the page
 def demo() -> Iterator[tuple[int, str, list[str]]]:
     """`token-proxy demo` on free ports: (port, console URL, the lines it printed)."""
     port = free_port_pair()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "demo", "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    process, lines = start_demo(port)
     try:
-        assert process.stdout is not None
-        lines: list[str] = []
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            line = process.stdout.readline()
-            lines.append(line.rstrip("\n"))
-            if line.startswith("Ctrl-C") or not line:
-                break
         found = [m for line in lines if (m := re.fullmatch(r"dev console: (\S+)", line))]
         assert found, lines
         yield port, found[0].group(1), lines
