@@ -21,6 +21,7 @@ from .routing import Target, split_target
 from .tokens import (
     ABSENT,
     Found,
+    Refetch,
     Trace,
     Verified,
     Verifier,
@@ -104,10 +105,55 @@ def is_preflight(view: RequestView) -> bool:
     )
 
 
+class Pending:
+    """A decision waiting for a JWKS refetch: `await pending.resume()` finishes it."""
+
+    __slots__ = ("found", "params", "refetch", "route", "target", "trace", "view")
+
+    def __init__(
+        self,
+        view: RequestView,
+        target: Target,
+        route: Route | None,
+        params: dict[str, str],
+        found: Found,
+        refetch: Refetch,
+        trace: Trace,
+    ) -> None:
+        self.view = view
+        self.found = found
+        self.target = target
+        self.route = route
+        self.params = params
+        self.refetch = refetch
+        self.trace = trace
+
+    async def resume(self) -> Decision:
+        """Steps 6-8 once the keys are refetched: a Decision, or a Rejection."""
+        route, target = self.route, self.target
+        try:
+            verified = await self.refetch.verify()
+            return _authorized(self.view, target, route, self.params, self.found, verified,
+                               self.trace)  # fmt: skip
+        except Rejection as rejection:
+            rejection.path = target.path
+            rejection.route = route.pattern.pattern if route is not None else ""
+            raise
+
+
 async def decide(
     view: RequestView, config: Config, verifier: Verifier, now: float, trace: Trace = None
 ) -> Decision:
     """Steps 1-8: a Decision to forward, or a Rejection."""
+    decided = decide_now(view, config, verifier, now, trace)
+    return await decided.resume() if isinstance(decided, Pending) else decided
+
+
+def decide_now(
+    view: RequestView, config: Config, verifier: Verifier, now: float, trace: Trace = None
+) -> Decision | Pending:
+    """Steps 1-8 without waiting: a Decision, a Rejection, or `Pending` when the token names
+    a kid its JWKS lacks (the listener then awaits `Pending.resume()`)."""
     try:
         target = split_target(view.target, view.headers.get("Host"))
     except Rejection as rejection:
@@ -139,16 +185,30 @@ async def decide(
             raise Rejection(Reason.MISSING, "no token in " + ", ".join(s.label for s in sources))
         if trace is not None:
             trace.append(("token", True, "found in " + found.source.label))
-        verified = verifier.cached(found.token, now, trace) or await verifier.verify_fresh(
+        verified = verifier.cached(found.token, now, trace) or verifier.verify_now(
             found.token, now, trace
         )
-        if route is not None:
-            authorize(route, params, verified, view, target, trace)
-        return Decision(target, route, found, verified)
+        if isinstance(verified, Refetch):
+            return Pending(view, target, route, params, found, verified, trace)
+        return _authorized(view, target, route, params, found, verified, trace)
     except Rejection as rejection:
         rejection.path = target.path
         rejection.route = route.pattern.pattern if route is not None else ""
         raise
+
+
+def _authorized(
+    view: RequestView,
+    target: Target,
+    route: Route | None,
+    params: dict[str, str],
+    found: Found,
+    verified: Verified,
+    trace: Trace,
+) -> Decision:
+    if route is not None:
+        authorize(route, params, verified, view, target, trace)
+    return Decision(target, route, found, verified)
 
 
 def authorize(

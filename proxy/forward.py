@@ -17,22 +17,27 @@ import asyncio
 import collections
 import contextlib
 import ssl
-from time import perf_counter  # a module attribute lookup less, compiled
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import httptools
-from aiohttp import web
-from aiohttp.abc import AbstractStreamWriter
-from aiohttp.http import HttpVersion
 
 from .config import Upstream
 from .errors import Reason
-from .headers import response_head, response_headers
-from .request import ProxyRequest, Relayed
 
 HIGH_WATER: Final = 256 * 1024  # buffered response bytes before the upstream is paused
 LOW_WATER: Final = 64 * 1024
 BODY_CHUNK: Final = 64 * 1024
+
+
+class Sink(Protocol):
+    """What an upstream connection tells the listener's exchange, outside parser callbacks
+    except `response_body`."""
+
+    def response_ready(self, connection: _Connection) -> None: ...
+    def response_body(self, data: bytes) -> None: ...
+    def response_end(self, connection: _Connection) -> None: ...
+    def response_failed(self, connection: _Connection, error: BaseException) -> None: ...
+    def upstream_writable(self, writable: bool) -> None: ...
 
 
 class Traffic:
@@ -69,6 +74,9 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.pooled = False  # idle in the pool: any byte now is one no request asked for
         self.error: BaseException | None = None
+        # The listener's exchange this connection serves (callbacks, no coroutine); None for
+        # `send()`'s futures.
+        self.sink: Sink | None = None
         self._can_write = asyncio.Event()
         self._can_write.set()
         # One parser for the connection's life: llhttp starts over after each whole message.
@@ -79,7 +87,9 @@ class _Connection(asyncio.Protocol):
         self.status = 0
         self.reason = b""
         self.headers: list[tuple[bytes, bytes]] = []
-        self.head: asyncio.Future[None] = self.loop.create_future()
+        self.got_head = False
+        self.delivered = False  # the sink was told of the head
+        self.head: asyncio.Future[None] | None = None  # send()'s, made per request
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.complete = False
@@ -107,15 +117,36 @@ class _Connection(asyncio.Protocol):
                 self._discard()
             else:
                 self._fail(ConnectionError(f"invalid response ({type(error).__name__})"))
+                return
+        if self.sink is not None:
+            self._tell()
+
+    def _tell(self) -> None:
+        """Tell the sink what the bytes just parsed brought: called outside the parser's
+        callbacks, since the sink may put this connection back in the pool."""
+        sink = self.sink
+        if sink is None or self.error is not None:
+            return
+        if not self.delivered:
+            if not self.got_head:
+                return
+            self.delivered = True
+            sink.response_ready(self)
+            if self.sink is None:  # a whole answer, taken at once
+                return
+        if self.complete:
+            self.sink = None
+            sink.response_end(self)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.pool.forget(self)
         if not self.complete:
-            if self.head.done() and exc is None and not self._framed():
+            if self.got_head and exc is None and not self._framed():
                 # A body delimited by the connection's close ends with a clean close; a reset
                 # cuts it, and the client must see the cut, not a shorter complete body.
                 self.on_message_complete()
+                self._tell()
             else:
                 self._fail(exc or ConnectionResetError("upstream closed the connection"))
         self._can_write.set()
@@ -130,9 +161,13 @@ class _Connection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         self._can_write.clear()
+        if self.sink is not None:
+            self.sink.upstream_writable(False)
 
     def resume_writing(self) -> None:
         self._can_write.set()
+        if self.sink is not None:
+            self.sink.upstream_writable(True)
 
     def _discard(self) -> None:
         """Never reuse this connection: close it and take it out of the pool now (a request
@@ -148,7 +183,7 @@ class _Connection(asyncio.Protocol):
     def on_message_begin(self) -> None:
         # llhttp parses on after a whole answer: a second one in the same read, or bytes
         # beyond the framing. The callbacks below ignore it; the connection is never reused.
-        if self.complete:
+        if self.complete or self.pooled:
             self._discard()
 
     def on_status(self, status: bytes) -> None:
@@ -156,7 +191,7 @@ class _Connection(asyncio.Protocol):
             self.reason += status
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        if not self.head.done():  # after the head come trailers, which are not forwarded
+        if not self.got_head:  # after the head come trailers, which are not forwarded
             self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
@@ -175,7 +210,8 @@ class _Connection(asyncio.Protocol):
             return
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
-        if not self.head.done():
+        self.got_head = True
+        if self.head is not None and not self.head.done():
             self.head.set_result(None)
         if self.head_only:
             self.keep_alive = False  # the parser would wait for a body a HEAD never gets
@@ -184,6 +220,9 @@ class _Connection(asyncio.Protocol):
     def on_body(self, body: bytes) -> None:
         if self.complete:
             return  # a body after a HEAD response, or a second answer's: not ours to pass on
+        if self.delivered and self.sink is not None:
+            self.sink.response_body(body)
+            return
         self.chunks.append(body)
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and self.transport is not None:
@@ -204,17 +243,24 @@ class _Connection(asyncio.Protocol):
             self._waiter.set_result(None)
 
     def head_timeout(self) -> None:
-        if not self.head.done():
+        if not self.got_head:
             self._fail(TimeoutError("no response head in time"))
 
     def _fail(self, error: BaseException) -> None:
+        if self.error is not None:
+            return
         self.error = error
-        if not self.head.done():
+        self.keep_alive = False
+        if self.head is not None and not self.head.done():
             self.head.set_exception(error)
             self.head.exception()  # retrieved by send(); silence "never retrieved"
         self._wake()
         if self.transport is not None:
             self.transport.close()
+        sink = self.sink
+        if sink is not None:
+            self.sink = None
+            sink.response_failed(self, error)
 
     def body_sent(self, sender: asyncio.Future[None]) -> None:
         """A request body that could not be sent whole leaves the connection unusable."""
@@ -398,6 +444,7 @@ class UpstreamPool:
                 connection = self.idle.pop() if reused else await self._connect()
                 connection.pooled = False
                 connection.head_only = head_only
+                connection.head = self.loop.create_future()
                 sender = None
                 retry = False
                 self.awaiting[connection] = self.loop.time() + self.upstream.timeout
@@ -441,11 +488,62 @@ class UpstreamPool:
             raise
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def take(self) -> _Connection | None:
+        """A slot and a pooled connection at once, or None (a coroutine must wait)."""
+        if self.idle and self.active < self.upstream.max_connections:
+            self.active += 1
+            connection = self.idle.pop()
+            connection.pooled = False
+            return connection
+        return None
+
+    async def acquire(self) -> tuple[_Connection, bool]:
+        """A slot and a connection, waiting or connecting if need be; (connection, reused)."""
+        if self.active < self.upstream.max_connections:
+            self.active += 1
+        else:
+            await self._wait_for_slot()
+        try:
+            if self.idle:
+                connection = self.idle.pop()
+                connection.pooled = False
+                return connection, True
+            return await self._connect(), False
+        except BaseException:
+            self.release_slot()
+            raise
+
+    def begin(self, connection: _Connection, sink: Sink, head_only: bool) -> None:
+        """`sink` is told of the answer from now on; its head is timed."""
+        connection.sink = sink
+        connection.head_only = head_only
+        deadline = self.loop.time() + self.upstream.timeout
+        self.awaiting[connection] = deadline
+        if self._watch is None:
+            self._watch = self.loop.call_at(deadline, self._time_out)
+
+    def headed(self, connection: _Connection) -> None:
+        """The answer's head came (or the exchange ended): no more head timeout."""
+        self.awaiting.pop(connection, None)
+
+    def finish(self, connection: _Connection, reusable: bool) -> None:
+        """The exchange is over: pool the connection when it can carry another request."""
+        self.awaiting.pop(connection, None)
+        connection.sink = None
+        if reusable and connection.complete and connection.keep_alive and not connection.closed:
+            self.put(connection)
+        else:
+            connection.keep_alive = False
+            connection.close()
+        self.release_slot()
+
     def _time_out(self) -> None:
         """Fail the heads past their deadline; wake again at the next deadline."""
         self._watch = None
         now = self.loop.time()
         for connection, deadline in list(self.awaiting.items()):
+            if connection not in self.awaiting:
+                continue  # ended by an earlier one's failure
             if deadline > now:
                 self._watch = self.loop.call_at(deadline, self._time_out)
                 return
@@ -494,83 +592,3 @@ async def _send_body(connection: _Connection, body: Any, chunked: bool, traffic:
         await connection.drain()
     if chunked:
         connection.write(b"0\r\n\r\n")
-
-
-HTTP_11 = HttpVersion(1, 1)
-
-
-class Written(web.StreamResponse):
-    """A whole response the proxy serialised itself; aiohttp only sends the bytes.
-
-    The upstream's headers go back as they came (bytes, order, repeats) without a round trip
-    through str and aiohttp's header handling, which cost a tenth of the request path.
-    """
-
-    def __init__(self, data: bytes, status: int, keep_alive: bool) -> None:
-        super().__init__(status=status)
-        self._data = data
-        # What aiohttp's own prepare() would set: the connection's keep-alive after this answer.
-        self._keep_alive = keep_alive
-
-    async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
-        if self._data:
-            data, self._data = self._data, b""
-            await request.writer.write(data)
-        return request.writer
-
-    async def write_eof(self, data: bytes = b"") -> None:
-        pass
-
-
-async def exchange(
-    request: ProxyRequest,
-    pool: UpstreamPool,
-    head: bytes,
-    rid_name: str,
-    rid: str,
-    has_body: bool,
-    chunked: bool,
-    traffic: Traffic,
-) -> web.StreamResponse:
-    """Forward one request and stream the upstream's response back to the client."""
-    message = request.head
-    if has_body and message.headers.get("Expect", "").lower() == "100-continue":
-        await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-    head_only = message.method == "HEAD"
-    started = perf_counter()
-    response = await pool.send(
-        head, request.content if has_body else None, chunked, head_only, traffic
-    )
-    traffic.upstream_seconds = perf_counter() - started
-    try:
-        if response.complete and not head_only and response.status not in (204, 304):
-            body = response.buffered_body()
-            keep_alive = not message.should_close
-            answer = response_head(
-                response.status, response.reason, response.headers, rid_name, rid,
-                len(body), keep_alive, message.version < HTTP_11,
-            )  # fmt: skip
-            response.release()
-            traffic.bytes_out = len(body)
-            return Written(answer + body, response.status, keep_alive)
-        headers = response_headers(response.headers, rid_name, rid)
-        out = Relayed(status=response.status, reason=response.reason, headers=headers)
-        await out.prepare(request)
-        traffic.status = response.status
-        if head_only:
-            response.release()
-            return out
-        try:
-            while (chunk := await response.next_chunk()) is not None:
-                await out.write(chunk)
-                traffic.bytes_out += len(chunk)
-        except (ConnectionError, OSError) as error:
-            if request.transport is None or request.transport.is_closing():
-                raise  # the client went away: nothing to tell it
-            traffic.broken = f"upstream failed mid-response ({type(error).__name__})"
-            request.transport.close()  # the client must see a cut, not a complete body
-            return out
-        response.release()
-        return out
-    finally:
-        response.abort()

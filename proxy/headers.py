@@ -211,6 +211,27 @@ class HeaderPlan:
             out.append((self.claims_header, facts.claims.encode()))
         return out
 
+    def websocket_head(
+        self,
+        path: str,
+        query: str,
+        raw_headers: tuple[tuple[bytes, bytes], ...],
+        facts: Forwarding,
+    ) -> bytes:
+        """A WebSocket handshake for the upstream: a plain request's head, without the
+        framing of a body it never has (the upstream would read frames as that body), with
+        the upgrade asked for again (Connection and Upgrade are hop-by-hop)."""
+        drop = facts.drop_token
+        if drop is not None and drop.kind == "query":
+            query = remove_query_param(query, drop.name)
+        target = path + ("?" + query if query else "")
+        lines = [f"GET {target} HTTP/1.1".encode("utf-8", "surrogateescape")]
+        for name, value in self.request_headers(raw_headers, facts):
+            if name.lower() not in (b"content-length", b"transfer-encoding"):
+                lines.append(name + b": " + value)
+        lines.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
+        return b"\r\n".join(lines)
+
 
 def remove_query_param(query: str, name: str) -> str:
     """The query without parameter `name`; the other parameters byte for byte."""
@@ -324,6 +345,51 @@ def response_head(
         lines.append(b"Connection: keep-alive")
     lines.append(b"\r\n")  # the blank line after the last header
     return b"\r\n".join(lines)
+
+
+def streamed_head(
+    status: int,
+    reason: str,
+    raw: list[tuple[bytes, bytes]],
+    request_id_name: str,
+    rid: str,
+    keep_alive: bool,
+    old_client: bool,
+    head_only: bool,
+) -> tuple[bytes, bool, bool]:
+    """The head of an answer whose body streams: (bytes, chunked by us, ended by close).
+    The upstream's Content-Length stays; without one a body goes chunked to an HTTP/1.1
+    client and ends with the connection for an HTTP/1.0 one."""
+    cached = _STATUS_LINES.get(status)
+    if cached is not None and cached[0] == reason:
+        status_line = cached[1]
+    else:
+        status_line = b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1"))
+        _STATUS_LINES[status] = (reason, status_line)
+    kept, dated = _end_to_end(raw)
+    lines = [status_line]
+    length = False
+    for name, value in kept:
+        if not length and name.lower() == b"content-length":
+            length = True
+        lines.append(name + b": " + value)
+    if not dated:
+        lines.append(b"Date: " + http_date())
+    lines.append(f"{request_id_name}: {rid}".encode())
+    chunked = delimited = False
+    if not (head_only or length or status in (204, 304) or status < 200):
+        if old_client:
+            delimited = True
+            keep_alive = False
+        else:
+            chunked = True
+            lines.append(b"Transfer-Encoding: chunked")
+    if not keep_alive:
+        lines.append(b"Connection: close")
+    elif old_client:
+        lines.append(b"Connection: keep-alive")
+    lines.append(b"\r\n")
+    return b"\r\n".join(lines), chunked, delimited
 
 
 _date: tuple[int, bytes] = (0, b"")

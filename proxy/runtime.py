@@ -34,8 +34,8 @@ from .app import Proxy, Resources, State, admin_app
 from .config import Config, Listen, is_loopback, load
 from .console import Console
 from .errors import ConfigError
+from .listener import Listener
 from .metrics import METRICS_DIR_ENV, RELOADS, Metrics
-from .server import make_server
 from .telemetry import Log, Recent
 from .token_service import TokenService
 
@@ -189,18 +189,14 @@ class Runtime:
         self.proxy = Proxy(state, resources, scheme=scheme)
         proxy = self.proxy
         self.proxy.service = TokenService(lambda: proxy.state, self.metrics, proxy.clock).handle
-        server = make_server(self.proxy, config)
-        runner = web.ServerRunner(server, shutdown_timeout=config.shutdown_timeout)
-        await runner.setup()
+        listener = Listener(self.proxy, config)
         try:
             sock = make_socket(config.listen, self.reuse_port)
         except OSError as error:
             print(listen_problem(self.label, "listen", config.listen, error), file=sys.stderr)
-            await runner.cleanup()
             await resources.close()
             return 2
-        site = web.SockSite(runner, sock, ssl_context=self.tls)
-        await site.start()
+        await listener.serve(sock, self.tls)
         admin_runner = None
         if self.serve_admin and config.admin_listen is not None:
             admin = admin_app(
@@ -224,7 +220,7 @@ class Runtime:
                 print(listen_problem(self.label, "admin_listen", config.admin_listen, error),
                       file=sys.stderr)  # fmt: skip
                 await admin_runner.cleanup()
-                await runner.cleanup()
+                await listener.drain(0)
                 await resources.close()
                 return 2
         loop = asyncio.get_running_loop()
@@ -261,9 +257,7 @@ class Runtime:
             status.cancel()
             self._write_status()
         timeout = self.proxy.state.config.shutdown_timeout
-        with contextlib.suppress(TimeoutError):
-            async with asyncio.timeout(timeout + 5):
-                await runner.cleanup()
+        await listener.drain(timeout)
         if admin_runner is not None:
             await admin_runner.cleanup()
         await resources.close()

@@ -2,9 +2,11 @@
 
     service = TokenService(lambda: proxy.state, metrics, clock=time.time)
     proxy.service = service.handle      # answers /oauth/token and /.well-known/* first
+    status, headers, body, error = await service.handle(method, path, headers, form_bytes)
 
-`handle` returns the answer and its RFC 6749 error word, which the access log shows as the
-reason of outcome `token_service` (these requests are not proxied: not in requests_total).
+`handle` returns the answer (status, headers, JSON body) and its RFC 6749 error word, which the
+access log shows as the reason of outcome `token_service` (these requests are not proxied: not
+in requests_total).
 
 Credentials and subject tokens are checked by the proxy's own `Verifier` (SPEC §4 steps 4-7),
 so what the service accepts is exactly what the proxy would. Issued tokens are signed with the
@@ -26,13 +28,13 @@ from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_plus
 
 import jwt
-from aiohttp import web
 
 from . import jwk
 from .config import Client, Config
 from .config import TokenService as ServiceConfig
 from .errors import Rejection
 from .metrics import ISSUED, Metrics
+from .model import Headers
 from .tokens import Verified, Verifier
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
@@ -60,14 +62,30 @@ class OAuthError(Exception):
         self.status = status
 
 
+# status, headers, body: an answer the listener writes as it is
+Answer = tuple[int, list[tuple[str, str]], bytes]
+
+
+class Request:
+    """What the service reads of a request: method, headers, the form body (at most
+    MAX_FORM + 1 bytes; `too_large` when more came)."""
+
+    __slots__ = ("body", "headers", "method", "too_large")
+
+    def __init__(self, method: str, headers: Headers, body: bytes, too_large: bool) -> None:
+        self.method = method
+        self.headers = headers
+        self.body = body
+        self.too_large = too_large
+
+
 def _json(
     body: dict[str, Any], status: int = 200, cache: str = "no-store", **headers: str
-) -> web.Response:
-    return web.Response(
-        status=status,
-        body=json.dumps(body, separators=(",", ":")).encode(),
-        content_type="application/json",
-        headers={"Cache-Control": cache, **headers},
+) -> Answer:
+    return (
+        status,
+        [("Content-Type", "application/json"), ("Cache-Control", cache), *headers.items()],
+        json.dumps(body, separators=(",", ":")).encode(),
     )
 
 
@@ -84,37 +102,36 @@ class TokenService:
         self.metrics = metrics
         self.clock = clock
 
-    async def handle(self, request: web.BaseRequest) -> tuple[web.StreamResponse, str]:
+    async def handle(
+        self, method: str, path: str, headers: Headers, body: bytes, too_large: bool = False
+    ) -> tuple[int, list[tuple[str, str]], bytes, str]:
         """The answer, and the RFC 6749 error word for the access log ("" on success)."""
         state = self.state()
         service = state.config.token_service
-        path = request.raw_path.partition("?")[0]
-        if service is None:  # pragma: no cover - the proxy only calls with a service
-            raise web.HTTPNotFound()
+        assert service is not None  # noqa: S101 - the proxy only calls with a service
+        request = Request(method, headers, body, too_large)
         if path == "/oauth/token":
             if request.method != "POST":
-                return _json(_error("invalid_request", "use POST"), 405, Allow="POST"), (
+                return *_json(_error("invalid_request", "use POST"), 405, Allow="POST"), (
                     "invalid_request"
                 )
             try:
-                return await self.token(request, state, service), ""
+                return *await self.token(request, state, service), ""
             except OAuthError as error:
                 extra = {"WWW-Authenticate": 'Basic realm="token"'} if error.status == 401 else {}
-                return _json(_error(error.error, error.description), error.status, **extra), (
+                return *_json(_error(error.error, error.description), error.status, **extra), (
                     error.error
                 )
         if request.method not in ("GET", "HEAD"):
-            return _json(_error("invalid_request", "use GET"), 405, Allow="GET, HEAD"), (
+            return *_json(_error("invalid_request", "use GET"), 405, Allow="GET, HEAD"), (
                 "invalid_request"
             )
         if path == "/.well-known/jwks.json":
-            return _json({"keys": published_keys(service)}, cache="max-age=300"), ""
-        return _json(metadata(service), cache="max-age=300"), ""
+            return *_json({"keys": published_keys(service)}, cache="max-age=300"), ""
+        return *_json(metadata(service), cache="max-age=300"), ""
 
-    async def token(
-        self, request: web.BaseRequest, state: _State, service: ServiceConfig
-    ) -> web.Response:
-        form = await _form(request)
+    async def token(self, request: Request, state: _State, service: ServiceConfig) -> Answer:
+        form = _form(request)
         client = _authenticate(request, form, service)
         grant = form.get("grant_type")
         if not grant:
@@ -251,14 +268,16 @@ def _error(error: str, description: str) -> dict[str, str]:
     return {"error": error, "error_description": description}
 
 
-async def _form(request: web.BaseRequest) -> dict[str, str]:
+def _form(request: Request) -> dict[str, str]:
     """The form parameters; repeated or oversized → invalid_request (RFC 6749 §3.2)."""
-    if request.content_type != "application/x-www-form-urlencoded":
+    content_type = request.headers.get("Content-Type", "").partition(";")[0].strip().lower()
+    if content_type != "application/x-www-form-urlencoded":
         raise OAuthError("invalid_request", "the body must be application/x-www-form-urlencoded")
-    if request.content_length is not None and request.content_length > MAX_FORM:
+    length = request.headers.get("Content-Length", "")
+    if length.isdigit() and int(length) > MAX_FORM:
         raise OAuthError("invalid_request", "the body is too large")
-    body = await request.content.read(MAX_FORM + 1)
-    if len(body) > MAX_FORM:
+    body = request.body
+    if request.too_large or len(body) > MAX_FORM:
         raise OAuthError("invalid_request", "the body is too large")
     try:
         pairs = parse_qsl(body.decode("utf-8"), keep_blank_values=True, strict_parsing=bool(body))
@@ -272,7 +291,7 @@ async def _form(request: web.BaseRequest) -> dict[str, str]:
     return form
 
 
-def _authenticate(request: web.BaseRequest, form: dict[str, str], service: ServiceConfig) -> Client:
+def _authenticate(request: Request, form: dict[str, str], service: ServiceConfig) -> Client:
     """client_secret_basic or client_secret_post, compared in constant time."""
     header = request.headers.get("Authorization", "")
     scheme, _, encoded = header.partition(" ")

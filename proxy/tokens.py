@@ -288,6 +288,32 @@ def _scopes(claims: dict[str, Any]) -> frozenset[str]:
     return frozenset(found)
 
 
+class Refetch:
+    """A verification waiting for a JWKS refetch (an unknown kid): `await refetch.verify()`."""
+
+    __slots__ = ("app", "now", "parsed", "token", "trace", "verifier")
+
+    def __init__(
+        self, verifier: Verifier, token: str, parsed: _Parsed, app: App, now: float, trace: Trace
+    ) -> None:
+        self.verifier = verifier
+        self.token = token
+        self.parsed = parsed
+        self.app = app
+        self.now = now
+        self.trace = trace
+
+    async def verify(self) -> Verified:
+        """Refetch (rate-limited, shared with other waiters), then steps 6-7 on what is known."""
+        verifier, app, now = self.verifier, self.app, self.now
+        jwks = verifier.keys[app.id].jwks
+        if jwks is not None:
+            await jwks.refetch_for_kid(now)
+        key = verifier.check_signature(self.parsed, app, now, self.trace)
+        assert key is not None  # noqa: S101 - may_refetch is off: a key or a Rejection
+        return verifier.remember(self.token, self.parsed, app, now, key, self.trace)
+
+
 class Verifier:
     """Verifies tokens for one loaded configuration; owns the verified-token cache."""
 
@@ -349,6 +375,12 @@ class Verifier:
 
     async def verify_fresh(self, token: str, now: float, trace: Trace = None) -> Verified:
         """Steps 4-7 in full, then into the cache."""
+        result = self.verify_now(token, now, trace)
+        return await result.verify() if isinstance(result, Refetch) else result
+
+    def verify_now(self, token: str, now: float, trace: Trace = None) -> Verified | Refetch:
+        """Steps 4-7 without waiting, then into the cache; a `Refetch` to await when the
+        token names a kid the JWKS lacks (a refetch may bring it)."""
         try:
             parsed = parse(token, self.settings.max_length)
         except Rejection as rejection:
@@ -366,7 +398,15 @@ class Verifier:
             note(trace, "algorithm", False, detail)
             raise Rejection(Reason.ALG_NOT_ALLOWED, detail, app=app.id)
         note(trace, "algorithm", True, f"{parsed.alg} is allowed")
-        key = await self.check_signature(parsed, app, now, trace)
+        key = self.check_signature(parsed, app, now, trace, may_refetch=True)
+        if key is None:
+            return Refetch(self, token, parsed, app, now, trace)
+        return self.remember(token, parsed, app, now, key, trace)
+
+    def remember(
+        self, token: str, parsed: _Parsed, app: App, now: float, key: str, trace: Trace
+    ) -> Verified:
+        """Step 7 on a verified signature, then into the cache."""
         verified = self.check_claims(parsed.payload, app, now, key, trace)
         if self.cache is not None:
             deadline = now + self.settings.cache_ttl
@@ -390,8 +430,11 @@ class Verifier:
             raise Rejection(Reason.UNKNOWN_APP, "no app matches the token")
         return fallback
 
-    async def check_signature(self, parsed: _Parsed, app: App, now: float, trace: Trace) -> str:
-        """Step 6: a key of the app (never one named by the token) verifies the signature."""
+    def check_signature(
+        self, parsed: _Parsed, app: App, now: float, trace: Trace, may_refetch: bool = False
+    ) -> str | None:
+        """Step 6: a key of the app (never one named by the token) verifies the signature;
+        None (only when `may_refetch`) when the kid is unknown and a JWKS refetch may bring it."""
         algorithm = jwk.ALGORITHMS[parsed.alg]
         if app.secrets:
             for index, secret in enumerate(app.secrets):
@@ -410,12 +453,16 @@ class Verifier:
             )
         kid = parsed.header.get("kid")
         candidates = keys.candidates(parsed.alg, kid, now)
-        if kid is not None and jwks and not any(key.kid == kid for key in candidates):
+        if (
+            may_refetch
+            and kid is not None
+            and jwks
+            and not any(key.kid == kid for key in candidates)
+        ):
             note(
                 trace, "key refetch", True, f"kid {kid!r} not among the keys; refetched {jwks.url}"
             )
-            if await jwks.refetch_for_kid(now):
-                candidates = keys.candidates(parsed.alg, kid, now)
+            return None
         if not candidates:
             if kid is None and not _too_many_fit(keys, parsed.alg, now):
                 # No key fits the algorithm at all: no key verifies (SPEC §4 step 6).

@@ -1,186 +1,311 @@
-"""WebSocket relay (SPEC §6): frames both ways, close codes passed on, closed at `exp`.
+"""WebSocket relay (SPEC §6): the handshake forwarded, bytes both ways, closed at `exp`.
 
-    if is_websocket(request):
-        return await relay(request, clients, upstream, target, headers, expires_in, traffic)
+    if is_websocket(method, headers):
+        await Tunnel(exchange, client, upstream, tls).run(handshake_head, expires_in)
 
-The handshake was authenticated like any request before this runs. The upstream side is an
-aiohttp client WebSocket on a session per upstream; when the token's `exp` + `leeway` passes,
-both sides are closed with 1008 (policy violation).
+The handshake was authenticated like any request before this runs. It goes upstream on a
+connection of its own; only an upstream's 101 is relayed, any other answer ends the upgrade
+with the contract's 502 (never a raw tunnel to something that did not agree to one). After the
+101 the bytes go both ways as they come; the frames' boundaries are followed (headers read,
+payloads skipped, never unmasked) so that, when the token's `exp` + `leeway` passes, a close
+frame with 1008 (policy violation) goes to both sides between two frames.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
+import os
 import ssl
-from typing import Final
+from typing import TYPE_CHECKING, Any, Final
 
-import aiohttp
-from aiohttp import WSCloseCode, WSMsgType, web
-from multidict import CIMultiDict
-from yarl import URL
+import httptools
 
 from .config import Upstream
 from .errors import Reason
-from .forward import Traffic, UpstreamError
-from .request import RequestHead
+
+if TYPE_CHECKING:
+    from .listener import Connection, Exchange
+    from .model import Headers
 
 POLICY_VIOLATION: Final = 1008
-# Handshake headers each side makes for itself, and the framing of a body the handshake
-# upstream never has (a client's Content-Length would make the upstream read frames as body).
-_NOT_FORWARDED: Final = frozenset(
-    {
-        "sec-websocket-key",
-        "sec-websocket-version",
-        "sec-websocket-extensions",
-        "sec-websocket-protocol",
-        "sec-websocket-accept",
-        "content-length",
-        "transfer-encoding",
-    }
-)
-# What aiohttp's client adds by itself; SPEC §6: the proxy adds nothing (a client's own ones
-# are forwarded all the same).
-_NOT_ADDED: Final = ("User-Agent", "Accept", "Accept-Encoding")
+_CLOSE_1008: Final = b"\x88\x02\x03\xf0"  # a server's close frame: unmasked
+_LINGER: Final = 2.0  # seconds both sides get to answer the close frame
 
 
-def is_websocket(head: RequestHead) -> bool:
-    # `upgrade` is the parser's: `Connection: upgrade` with an `Upgrade` header, as a handshake
-    # needs (RFC 6455 4.1). Read first, it spares other requests a header lookup (1k instructions).
+def is_websocket(method: str, headers: Headers | None) -> bool:
+    """A WebSocket handshake (RFC 6455 §4.1); the parser saw `Connection: upgrade`."""
     return (
-        head.upgrade
-        and head.method == "GET"
-        and head.headers.get("Upgrade", "").lower() == "websocket"
+        method == "GET"
+        and headers is not None
+        and headers.get("Upgrade", "").lower() == "websocket"
     )
 
 
-class WebSocketClients:
-    """One aiohttp ClientSession per upstream, made on first use."""
+def _masked_close() -> bytes:
+    """A client's close frame with 1008: masked, as RFC 6455 §5.3 demands of clients."""
+    mask = os.urandom(4)
+    payload = bytes(b ^ mask[i] for i, b in enumerate(b"\x03\xf0"))
+    return b"\x88\x82" + mask + payload
+
+
+class _Frames:
+    """Where frames end in one direction's bytes."""
+
+    __slots__ = ("head", "left")
 
     def __init__(self) -> None:
-        self._sessions: dict[Upstream, aiohttp.ClientSession] = {}
+        self.head = b""  # a frame header's first bytes, when a read ended inside it
+        self.left = 0  # payload bytes of the current frame still to come
 
-    def session(self, upstream: Upstream) -> aiohttp.ClientSession:
-        session = self._sessions.get(upstream)
-        if session is None or session.closed:
-            connector: aiohttp.BaseConnector
-            if upstream.socket_path is not None:
-                connector = aiohttp.UnixConnector(path=upstream.socket_path)
+    @property
+    def between(self) -> bool:
+        return not self.head and not self.left
+
+    def walk(self, data: bytes, stop: bool) -> int:
+        """Follow `data`; with `stop`, the offset just after the first frame that ends in it
+        (-1: none)."""
+        i, n = 0, len(data)
+        while i < n:
+            if self.left:
+                step = min(self.left, n - i)
+                self.left -= step
+                i += step
+                if stop and not self.left:
+                    return i
+                continue
+            known = len(self.head)
+            buf = self.head + data[i : i + 14 - known]
+            if len(buf) < 2:
+                self.head = buf
+                return -1
+            code = buf[1] & 0x7F
+            size = 2 + (2 if code == 126 else 8 if code == 127 else 0) + (4 if buf[1] & 0x80 else 0)
+            if len(buf) < size:
+                self.head = buf
+                return -1
+            if code == 126:
+                length = int.from_bytes(buf[2:4], "big")
+            elif code == 127:
+                length = int.from_bytes(buf[2:10], "big")
             else:
-                context = ssl.create_default_context() if upstream.scheme == "https" else None
-                if context is not None and upstream.ca_file:
-                    context.load_verify_locations(upstream.ca_file)
-                connector = aiohttp.TCPConnector(ssl=context if context is not None else False)
-            session = aiohttp.ClientSession(
-                connector=connector, skip_auto_headers=_NOT_ADDED, auto_decompress=False
+                length = code
+            self.head = b""
+            i += size - known
+            self.left = length
+            if stop and not length:
+                return i
+        return -1
+
+
+class _UpstreamSide(asyncio.Protocol):
+    """The tunnel's upstream connection: the handshake answer's head, then bytes."""
+
+    def __init__(self, tunnel: Tunnel) -> None:
+        self.tunnel = tunnel
+        self.transport: asyncio.Transport | None = None
+        self.parser: Any = httptools.HttpResponseParser(self)
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.reason = b""
+        self.status = 0
+        self.head: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self.open = False  # the 101 came: bytes from now on
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        if self.open:
+            self.tunnel.from_upstream(data)
+            return
+        if self.head.done():
+            return
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserUpgrade as upgrade:
+            self.open = True
+            self.head.set_result(data[upgrade.args[0] :])
+        except httptools.HttpParserError as error:
+            self.head.set_exception(ConnectionError(f"invalid answer ({type(error).__name__})"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.head.done():
+            self.head.set_exception(ConnectionResetError("upstream closed the connection"))
+        self.tunnel.upstream_lost()
+
+    def pause_writing(self) -> None:
+        self.tunnel.client.hold(8)
+
+    def resume_writing(self) -> None:
+        self.tunnel.client.release(8)
+
+    def on_status(self, status: bytes) -> None:
+        self.reason += status
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self.headers.append((name, value))
+
+    def on_headers_complete(self) -> None:
+        self.status = self.parser.get_status_code()
+        if self.status != 101 and not self.head.done():
+            self.head.set_result(b"")
+
+
+class Tunnel:
+    """One WebSocket after its handshake: bytes both ways until a side closes."""
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        client: Connection,
+        upstream: Upstream,
+        tls: ssl.SSLContext | None,
+    ) -> None:
+        self.exchange = exchange
+        self.client = client
+        self.upstream = upstream
+        self.tls = tls
+        self.side: _UpstreamSide | None = None
+        self.ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.to_client = _Frames()
+        self.to_upstream = _Frames()
+        self.cut_client = False  # at the next frame end towards the client: close frame
+        self.cut_upstream = False
+        self.closed_client = False  # the close frame went: nothing more that way
+        self.closed_upstream = False
+
+    async def run(self, head: bytes, expires_in: float | None) -> None:
+        exchange, client, up = self.exchange, self.client, self.upstream
+        loop = asyncio.get_running_loop()
+        client.hold(8)  # frames wait for the upstream
+        try:
+            async with asyncio.timeout(up.connect_timeout):
+                if up.socket_path is not None:
+                    _, side = await loop.create_unix_connection(
+                        lambda: _UpstreamSide(self), up.socket_path
+                    )
+                else:
+                    _, side = await loop.create_connection(
+                        lambda: _UpstreamSide(self), up.host, up.port, ssl=self.tls,
+                        server_hostname=up.host if self.tls else None,
+                    )  # fmt: skip
+        except TimeoutError:
+            exchange.upstream_failed(Reason.UPSTREAM_TIMEOUT, "WebSocket connect timed out")
+            return
+        except (OSError, ssl.SSLError) as error:
+            exchange.upstream_failed(
+                Reason.UPSTREAM_UNAVAILABLE, f"WebSocket connect failed ({type(error).__name__})"
             )
-            self._sessions[upstream] = session
-        return session
-
-    async def close(self) -> None:
-        for session in self._sessions.values():
-            await session.close()
-        self._sessions.clear()
-
-
-def upstream_url(upstream: Upstream, target: str) -> URL:
-    """The handshake's URL, with `target` as it is (encoded: yarl would decode %41 to A)."""
-    scheme = "wss" if upstream.scheme == "https" else "ws"
-    return URL(f"{scheme}://{upstream.host_header}{upstream.base_path}{target}", encoded=True)
-
-
-async def relay(
-    request: web.BaseRequest,
-    clients: WebSocketClients,
-    upstream: Upstream,
-    target: str,
-    headers: list[tuple[bytes, bytes]],
-    expires_in: float | None,
-    traffic: Traffic,
-) -> web.WebSocketResponse:
-    """Open the upstream WebSocket, accept the client's, relay until one side closes.
-
-    `headers` are the plan's (SPEC §6), Host included: aiohttp sends a given Host instead of
-    the URL's, which is how `preserve_host` holds."""
-    forwarded: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers:
-        text = name.decode("latin-1")
-        if text.lower() not in _NOT_FORWARDED:
-            forwarded.add(text, value.decode("utf-8", "replace"))
-    protocols = [
-        p.strip()
-        for line in request.headers.getall("Sec-WebSocket-Protocol", ())
-        for p in line.split(",")
-        if p.strip()
-    ]
-    timeout = aiohttp.ClientWSTimeout(ws_receive=None, ws_close=10)
-    try:
-        async with asyncio.timeout(upstream.connect_timeout + upstream.timeout):
-            remote = await clients.session(upstream).ws_connect(
-                upstream_url(upstream, target),
-                headers=forwarded,
-                protocols=protocols,
-                timeout=timeout,
-                autoping=True,
-                max_msg_size=0,
+            return
+        self.side = side
+        assert side.transport is not None  # noqa: S101 - set by connection_made
+        try:
+            side.transport.write(head)
+            async with asyncio.timeout(up.timeout):
+                rest = await side.head
+        except TimeoutError:
+            side.transport.close()
+            exchange.upstream_failed(Reason.UPSTREAM_TIMEOUT, "WebSocket handshake timed out")
+            return
+        except ConnectionError as error:
+            side.transport.close()
+            exchange.upstream_failed(
+                Reason.UPSTREAM_UNAVAILABLE, f"WebSocket handshake failed ({type(error).__name__})"
             )
-    except TimeoutError:
-        raise UpstreamError(Reason.UPSTREAM_TIMEOUT, "WebSocket handshake timed out") from None
-    except (aiohttp.ClientError, OSError) as error:
-        raise UpstreamError(
-            Reason.UPSTREAM_UNAVAILABLE, f"WebSocket handshake failed ({type(error).__name__})"
-        ) from None
-    local = web.WebSocketResponse(
-        protocols=(remote.protocol,) if remote.protocol else (), max_msg_size=0
-    )
-    await local.prepare(request)
-    traffic.status = local.status  # 101: logged even when the client's hang-up cancels us
-    pair = _Pair(local, remote)
-    expiry = None
-    if expires_in is not None:
-        expiry = asyncio.get_running_loop().call_later(max(0.0, expires_in), pair.expire)
-    try:
-        await asyncio.gather(pair.pump(local, remote), pair.pump(remote, local))
-    finally:
-        if expiry is not None:
-            expiry.cancel()
-        await pair.close_both(WSCloseCode.GOING_AWAY)
-    return local
+            return
+        if side.status != 101:
+            side.transport.close()
+            exchange.upstream_failed(
+                Reason.UPSTREAM_UNAVAILABLE, f"the upstream answered the handshake {side.status}"
+            )
+            return
+        rid_name = client.proxy.state.config.forward.request_id_header
+        lines = [b"HTTP/1.1 101 " + (side.reason or b"Switching Protocols")]
+        lines += [name + b": " + value for name, value in side.headers]
+        lines.append(f"{rid_name}: {exchange.rid}\r\n".encode())
+        exchange.status = 101
+        exchange.keep_alive = False
+        client.write(b"\r\n".join(lines) + b"\r\n")
+        client.tunnel = self
+        exchange.upstream_seconds = 0.0
+        if rest:
+            self.from_upstream(rest)
+        pending = client.pending_frames
+        client.pending_frames = b""
+        if pending:
+            self.from_client(pending)
+        client.release(8)
+        expiry = None
+        if expires_in is not None:
+            expiry = loop.call_later(max(0.0, expires_in), self.expire)
+        try:
+            await self.ended
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            side.transport.close()
+        exchange.answer_done()
 
+    def from_client(self, data: bytes) -> None:
+        side = self.side
+        if self.closed_upstream or side is None or side.transport is None:
+            return
+        if self.cut_upstream:
+            end = self.to_upstream.walk(data, stop=True)
+            if end < 0:
+                side.transport.write(data)
+                return
+            side.transport.write(data[:end] + _masked_close())
+            self.closed_upstream = True
+            return
+        self.to_upstream.walk(data, stop=False)
+        side.transport.write(data)
 
-Socket = web.WebSocketResponse | aiohttp.ClientWebSocketResponse
-
-
-class _Pair:
-    """The two sides of one relay; a close code forced on both wins over what a side says."""
-
-    def __init__(self, local: Socket, remote: Socket) -> None:
-        self.local = local
-        self.remote = remote
-        self.forced: int | None = None
-        self.closing: asyncio.Future[None] | None = None
+    def from_upstream(self, data: bytes) -> None:
+        if self.closed_client:
+            return
+        if self.cut_client:
+            end = self.to_client.walk(data, stop=True)
+            if end < 0:
+                self.client.write(data)
+                return
+            self.client.write(data[:end] + _CLOSE_1008)
+            self.closed_client = True
+            return
+        self.to_client.walk(data, stop=False)
+        self.client.write(data)
 
     def expire(self) -> None:
-        self.forced = POLICY_VIOLATION
-        self.closing = asyncio.ensure_future(self.close_both(POLICY_VIOLATION))
+        """exp + leeway passed: 1008 to both sides between frames, then close."""
+        side = self.side
+        if self.to_client.between:
+            self.client.write(_CLOSE_1008)
+            self.closed_client = True
+        else:
+            self.cut_client = True
+        if self.to_upstream.between and side is not None and side.transport is not None:
+            side.transport.write(_masked_close())
+            self.closed_upstream = True
+        else:
+            self.cut_upstream = True
+        asyncio.get_running_loop().call_later(_LINGER, self.end)
 
-    async def pump(self, source: Socket, sink: Socket) -> None:
-        """Relay frames from one side to the other; pass the close code on."""
-        async for message in source:
-            if sink.closed:
-                break
-            with contextlib.suppress(ConnectionError):
-                if message.type is WSMsgType.TEXT:
-                    await sink.send_str(message.data)
-                elif message.type is WSMsgType.BINARY:
-                    await sink.send_bytes(message.data)
-        if not sink.closed:
-            code = self.forced or source.close_code or WSCloseCode.OK
-            # shielded: the client hanging up right after its close frame cancels the handler
-            with contextlib.suppress(ConnectionError):
-                await asyncio.shield(sink.close(code=code))
+    def client_writable(self, writable: bool) -> None:
+        side = self.side
+        if side is not None and side.transport is not None:
+            if writable:
+                side.transport.resume_reading()
+            else:
+                side.transport.pause_reading()
 
-    async def close_both(self, code: int) -> None:
-        sides = [side for side in (self.remote, self.local) if not side.closed]
-        with contextlib.suppress(ConnectionError, asyncio.CancelledError):
-            await asyncio.gather(*(side.close(code=code) for side in sides))
+    def client_lost(self) -> None:
+        self.end()
+
+    def upstream_lost(self) -> None:
+        if self.client.tunnel is self:
+            self.client.close()
+        self.end()
+
+    def end(self) -> None:
+        if not self.ended.done():
+            self.ended.set_result(None)
+        self.client.close()

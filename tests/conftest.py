@@ -30,9 +30,9 @@ from yarl import URL
 
 from proxy.app import Proxy, Resources
 from proxy.config import Config, load
+from proxy.listener import Listener
 from proxy.metrics import Metrics
 from proxy.runtime import make_socket
-from proxy.server import make_server
 from proxy.telemetry import Log
 
 SECRET = b"s" * 32 + b"-test-secret-of-forty-bytes"
@@ -282,7 +282,7 @@ ProxyFactory = Callable[..., Awaitable[RunningProxy]]
 @pytest.fixture
 async def proxy_for(upstream: Upstream, tmp_path: Path) -> AsyncIterator[ProxyFactory]:
     """Start proxies from config dicts; `upstream.url` and apps default in."""
-    started: list[tuple[web.ServerRunner, Resources, RunningProxy]] = []
+    started: list[tuple[Listener, Resources, RunningProxy]] = []
 
     async def start(
         data: dict[str, Any] | None = None,
@@ -307,19 +307,18 @@ async def proxy_for(upstream: Upstream, tmp_path: Path) -> AsyncIterator[ProxyFa
         from proxy.token_service import TokenService
 
         proxy.service = TokenService(lambda: proxy.state, resources.metrics, clock).handle
-        runner = web.ServerRunner(make_server(proxy, config))
-        await runner.setup()
+        listener = Listener(proxy, config)
         sock = make_socket(config.listen if data.get("listen") else _loopback())
-        await web.SockSite(runner, sock, ssl_context=ssl_context).start()
         _host, port = sock.getsockname()[:2]
+        await listener.serve(sock, ssl_context)
         running = RunningProxy(f"{scheme}://127.0.0.1:{port}", proxy, stream, clock)
-        started.append((runner, resources, running))
+        started.append((listener, resources, running))
         return running
 
     yield start
-    for runner, resources, running in started:
+    for listener, resources, running in started:
         await running.session.close()
-        await runner.cleanup()
+        await listener.drain(0)
         await resources.close()
 
 

@@ -12,9 +12,9 @@ LAYERS = {
     "keys": 3,
     "tokens": 4,
     "decision": 5, "headers": 5, "mint": 5, "authorize": 5,
-    "forward": 6, "request": 6, "websocket": 6, "token_service": 6,
+    "forward": 6, "token_service": 6,
     "app": 7,
-    "server": 8, "console": 8,
+    "listener": 8, "websocket": 8, "console": 8,
     "runtime": 9,
     "workers": 10, "demo": 10, "cli": 10, "__main__": 11,
 }  # fmt: skip

@@ -616,10 +616,10 @@ async def test_internal_error_is_500_logged_with_traceback(
 ) -> None:
     proxy = await proxy_for(STRICT)
 
-    async def broken(*args: Any, **kwargs: Any) -> Any:
+    def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("proxy.app.decide", broken)
+    monkeypatch.setattr("proxy.listener.decide_now", broken)
     response = await proxy.get("/x", token=mint(**good()))
     assert response.status == 500
     assert "WWW-Authenticate" not in response.headers
