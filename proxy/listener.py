@@ -95,14 +95,14 @@ def own_head(
     return head + b"\r\n\r\n"
 
 
-def bad_length(values: list[bytes]) -> bool:
+def bad_length(values: list[str]) -> bool:
     """True when a Content-Length is not a plain decimal below 2^63 (SPEC §6). llhttp reads
     2^63 to 2^64-1 as a length that the upstream then reads differently: a desync."""
     for value in values:
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):
             return True
-        digits = value.lstrip(b"0")  # int() of thousands of digits (leading zeros) would raise
-        if len(digits) > 19 or int(digits or b"0") >= _MAX_LENGTH:
+        digits = value.lstrip("0")  # int() of thousands of digits (leading zeros) would raise
+        if len(digits) > 19 or int(digits or "0") >= _MAX_LENGTH:
             return True
     return False
 
@@ -804,19 +804,15 @@ class Connection(asyncio.Protocol):
         exchange.upgrade = parser.should_upgrade()
         exchange.headed = True
         exchange.head_only = exchange.method == "HEAD"
-        headers: CIMultiDict[str] = CIMultiDict()
-        lengths: list[bytes] = []
-        for name, value in exchange.raw:
-            text = name.decode("latin-1")
-            lower = text.lower()
-            if lower == "content-length":
-                lengths.append(value)
-            elif lower == "transfer-encoding":
-                exchange.chunked = True
-            elif lower == "expect" and value.lower() == b"100-continue":
-                exchange.expect = True
-            headers.add(text, value.decode("utf-8", "surrogateescape"))
+        # one C call for the multidict; its lookups below are C too
+        headers: CIMultiDict[str] = CIMultiDict(
+            [(n.decode("latin-1"), v.decode("utf-8", "surrogateescape")) for n, v in exchange.raw]
+        )
         exchange.headers = headers
+        lengths = headers.getall("Content-Length", None)
+        exchange.chunked = "Transfer-Encoding" in headers
+        if "Expect" in headers:
+            exchange.expect = headers["Expect"].lower() == "100-continue"
         if version not in ("1.1", "1.0"):
             exchange.refusal = 505
         elif lengths and bad_length(lengths):
@@ -825,7 +821,7 @@ class Connection(asyncio.Protocol):
         if exchange.chunked:
             exchange.has_body = True
         elif lengths:
-            exchange.has_body = lengths[0].lstrip(b"0") != b""
+            exchange.has_body = lengths[0].lstrip("0") != ""
         self.queue.append(exchange)
         if exchange.refusal:
             raise _Refused
