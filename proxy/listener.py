@@ -668,8 +668,9 @@ class Exchange:
                 if outcome == SERVICE_OUTCOME:
                     route = path  # one of the service's fixed paths
             proxy.log.access(
-                self.rid, self.asked or self.method, path, route, status, outcome, self.reason, self.app,
-                self.client.peer, elapsed, self.upstream_seconds, self.bytes_in, self.bytes_out,
+                self.rid, self.asked or self.method, path, route, status, outcome, self.reason,
+                self.app, self.client.peer, elapsed, self.upstream_seconds, self.bytes_in,
+                self.bytes_out,
             )  # fmt: skip
 
 
