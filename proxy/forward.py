@@ -1,9 +1,10 @@
 """The upstream side (SPEC §6): pooled keep-alive HTTP/1.1 connections, streamed both ways.
 
-    pool = UpstreamPool(config.upstream)                 # one per upstream per process
-    response = await pool.send(head, body=request.content, chunked=False)   # UpstreamError
-    while (chunk := await response.next_chunk()) is not None: ...   # bounded memory
-    response.release()
+    pool = UpstreamPool(config.upstream)        # one per upstream per process
+    connection = pool.take() or (await pool.acquire())[0]     # or UpstreamError
+    pool.begin(connection, sink, head_only)     # the sink (listener.Exchange) hears the answer
+    connection.write(head); ...                 # the body as it comes
+    pool.finish(connection, reusable)           # back into the pool, or closed
 
 A small asyncio protocol on httptools (llhttp) parses responses; we only write requests.
 Failures before a response are translated once, here: refused, reset or DNS failure →
@@ -25,34 +26,17 @@ from .config import Upstream
 from .errors import Reason
 
 HIGH_WATER: Final = 256 * 1024  # buffered response bytes before the upstream is paused
-LOW_WATER: Final = 64 * 1024
-BODY_CHUNK: Final = 64 * 1024
 
 
 class Sink(Protocol):
     """What an upstream connection tells the listener's exchange, outside parser callbacks
     except `response_body`."""
 
-    def response_ready(self, connection: _Connection) -> None: ...
+    def response_ready(self, connection: UpstreamConnection) -> None: ...
     def response_body(self, data: bytes) -> None: ...
-    def response_end(self, connection: _Connection) -> None: ...
-    def response_failed(self, connection: _Connection, error: BaseException) -> None: ...
+    def response_end(self, connection: UpstreamConnection) -> None: ...
+    def response_failed(self, connection: UpstreamConnection, error: BaseException) -> None: ...
     def upstream_writable(self, writable: bool) -> None: ...
-
-
-class Traffic:
-    """What one exchange moved: body bytes each way, and the upstream's time to headers."""
-
-    __slots__ = ("broken", "bytes_in", "bytes_out", "status", "upstream_seconds")
-
-    def __init__(self) -> None:
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.upstream_seconds: float | None = None
-        self.broken: str | None = None  # what failed after the response started
-        # The status once a streamed answer's head (or a WebSocket's 101) went out: a client
-        # that leaves then cancels the handler before it returns, and is still logged.
-        self.status: int | None = None
 
 
 class UpstreamError(Exception):
@@ -64,7 +48,7 @@ class UpstreamError(Exception):
         self.detail = detail
 
 
-class _Connection(asyncio.Protocol):
+class UpstreamConnection(asyncio.Protocol):
     """One upstream connection; parses one response per request."""
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -74,11 +58,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self.pooled = False  # idle in the pool: any byte now is one no request asked for
         self.error: BaseException | None = None
-        # The listener's exchange this connection serves (callbacks, no coroutine); None for
-        # `send()`'s futures.
+        # The listener's exchange this connection serves (callbacks, no coroutine); None idle.
         self.sink: Sink | None = None
-        self._can_write = asyncio.Event()
-        self._can_write.set()
         # One parser for the connection's life: llhttp starts over after each whole message.
         self.parser: Any = httptools.HttpResponseParser(self)
         self._reset()
@@ -89,14 +70,12 @@ class _Connection(asyncio.Protocol):
         self.headers: list[tuple[bytes, bytes]] = []
         self.got_head = False
         self.delivered = False  # the sink was told of the head
-        self.head: asyncio.Future[None] | None = None  # send()'s, made per request
         self.chunks: collections.deque[bytes] = collections.deque()
         self.buffered = 0
         self.complete = False
         self.started = False  # any response byte seen
         self.keep_alive = False
         self.head_only = False
-        self._waiter: asyncio.Future[None] | None = None
         self._interim = False
 
     # asyncio.Protocol
@@ -149,7 +128,6 @@ class _Connection(asyncio.Protocol):
                 self._tell()
             else:
                 self._fail(exc or ConnectionResetError("upstream closed the connection"))
-        self._can_write.set()
 
     def _framed(self) -> bool:
         """True when the response's end is known without EOF (a length, chunks, no body)."""
@@ -160,12 +138,10 @@ class _Connection(asyncio.Protocol):
         )
 
     def pause_writing(self) -> None:
-        self._can_write.clear()
         if self.sink is not None:
             self.sink.upstream_writable(False)
 
     def resume_writing(self) -> None:
-        self._can_write.set()
         if self.sink is not None:
             self.sink.upstream_writable(True)
 
@@ -211,8 +187,6 @@ class _Connection(asyncio.Protocol):
         self.status = status
         self.keep_alive = self.parser.should_keep_alive()
         self.got_head = True
-        if self.head is not None and not self.head.done():
-            self.head.set_result(None)
         if self.head_only:
             self.keep_alive = False  # the parser would wait for a body a HEAD never gets
             self.on_message_complete()
@@ -227,7 +201,6 @@ class _Connection(asyncio.Protocol):
         self.buffered += len(body)
         if self.buffered > HIGH_WATER and self.transport is not None:
             self.transport.pause_reading()
-        self._wake()
 
     def on_message_complete(self) -> None:
         if self._interim:
@@ -236,11 +209,6 @@ class _Connection(asyncio.Protocol):
         if self.complete:
             return
         self.complete = True
-        self._wake()
-
-    def _wake(self) -> None:
-        if self._waiter is not None and not self._waiter.done():
-            self._waiter.set_result(None)
 
     def head_timeout(self) -> None:
         if not self.got_head:
@@ -251,10 +219,6 @@ class _Connection(asyncio.Protocol):
             return
         self.error = error
         self.keep_alive = False
-        if self.head is not None and not self.head.done():
-            self.head.set_exception(error)
-            self.head.exception()  # retrieved by send(); silence "never retrieved"
-        self._wake()
         if self.transport is not None:
             self.transport.close()
         sink = self.sink
@@ -262,106 +226,16 @@ class _Connection(asyncio.Protocol):
             self.sink = None
             sink.response_failed(self, error)
 
-    def body_sent(self, sender: asyncio.Future[None]) -> None:
-        """A request body that could not be sent whole leaves the connection unusable."""
-        if sender.cancelled() or sender.exception() is not None:
-            self.keep_alive = False
-            if not self.complete:
-                self._fail(ConnectionResetError("the request body was cut short"))
-
-    # used by UpstreamPool / Response
+    # used by the pool and the listener's exchange
     def write(self, data: bytes) -> None:
         if self.transport is None or self.closed:
             raise ConnectionResetError("upstream connection closed")
         self.transport.write(data)
 
-    async def drain(self) -> None:
-        await self._can_write.wait()
-        if self.closed:
-            raise ConnectionResetError("upstream connection closed")
-
-    async def next_chunk(self) -> bytes | None:
-        while True:
-            if self.chunks:
-                chunk = self.chunks.popleft()
-                self.buffered -= len(chunk)
-                if self.buffered < LOW_WATER and self.transport is not None:
-                    self.transport.resume_reading()
-                return chunk
-            if self.complete:
-                return None
-            if self.error is not None:
-                raise self.error
-            self._waiter = self.loop.create_future()
-            await self._waiter
-            self._waiter = None
-
     def close(self) -> None:
         self.closed = True
         if self.transport is not None:
             self.transport.close()
-
-
-class Response:
-    """An upstream response whose headers arrived; the body streams from `body()`."""
-
-    def __init__(self, connection: _Connection, pool: UpstreamPool) -> None:
-        self._connection = connection
-        self._pool = pool
-        self.status = connection.status
-        self.reason = connection.reason.decode("latin-1")
-        self.headers = connection.headers
-        self.sender: asyncio.Task[None] | None = None
-        self._done = False
-
-    @property
-    def complete(self) -> bool:
-        """True when the whole body has already arrived."""
-        return self._connection.complete and self._connection.error is None
-
-    def buffered_body(self) -> bytes:
-        """The whole body, when `complete`."""
-        chunks = self._connection.chunks
-        body = b"".join(chunks)
-        chunks.clear()
-        return body
-
-    async def next_chunk(self) -> bytes | None:
-        """The next piece of the body; None after the last (a method, not an async generator:
-        mypyc compiles no async generators)."""
-        return await self._connection.next_chunk()
-
-    def release(self) -> None:
-        """Return the connection to the pool when it can carry another request."""
-        if self._done:
-            return
-        self._done = True
-        connection = self._connection
-        sender = self.sender
-        if sender is not None and (
-            not sender.done() or sender.cancelled() or sender.exception() is not None
-        ):
-            # A body still coming, or cut short: the upstream waits for bytes that never come
-            # and would read the next request as them. Checked here, not only in body_sent:
-            # that done-callback runs a loop turn after the sender fails.
-            sender.cancel()
-            connection.close()
-        elif connection.complete and connection.keep_alive and not connection.closed:
-            self._pool.put(connection)
-        else:
-            connection.close()
-        self._pool.release_slot()
-
-    def abort(self) -> None:
-        """Close the connection: the exchange did not finish."""
-        if self._done:
-            return
-        self._done = True
-        self._connection.keep_alive = False
-        self._connection.close()
-        if self.sender is not None:
-            self.sender.cancel()
-        self._pool.release_slot()
 
 
 class UpstreamPool:
@@ -371,14 +245,14 @@ class UpstreamPool:
         self.upstream = upstream
         # Kept, not looked up per request: Python 3.11's get_running_loop() costs a getpid().
         self.loop = asyncio.get_running_loop()
-        self.idle: collections.deque[_Connection] = collections.deque()
+        self.idle: collections.deque[UpstreamConnection] = collections.deque()
         # A counter, not asyncio.Semaphore: its locked() scans the waiters on every call.
         self.active = 0
         self.waiters: collections.deque[asyncio.Future[None]] = collections.deque()
         # Connections awaiting a response head -> deadline, in deadline order (every request
         # waits the same timeout). One timer serves them all: a call_later per request cost
         # 2% of the request path.
-        self.awaiting: dict[_Connection, float] = {}
+        self.awaiting: dict[UpstreamConnection, float] = {}
         self._watch: asyncio.TimerHandle | None = None
         self.retired = False  # closed: a reload dropped this upstream
         self.ssl: ssl.SSLContext | None = None
@@ -387,30 +261,34 @@ class UpstreamPool:
             if upstream.ca_file:
                 self.ssl.load_verify_locations(upstream.ca_file)
 
-    def forget(self, connection: _Connection) -> None:
+    def forget(self, connection: UpstreamConnection) -> None:
         with contextlib.suppress(ValueError):
             self.idle.remove(connection)
 
-    def put(self, connection: _Connection) -> None:
+    def put(self, connection: UpstreamConnection) -> None:
         if self.retired:  # no request will take it from here: close it, not keep it open
             connection.close()
             return
         connection._reset()
         connection.pooled = True
+        if connection.transport is not None:
+            # Paused for a slow client (or its own buffer): idle, it must read again, or
+            # the stray bytes and the close it watches for would go unseen.
+            connection.transport.resume_reading()
         self.idle.append(connection)
 
-    async def _connect(self) -> _Connection:
+    async def _connect(self) -> UpstreamConnection:
         loop = self.loop
         up = self.upstream
         try:
             async with asyncio.timeout(up.connect_timeout):
                 if up.socket_path is not None:
                     _, protocol = await loop.create_unix_connection(
-                        lambda: _Connection(self), up.socket_path
+                        lambda: UpstreamConnection(self), up.socket_path
                     )
                 else:
                     _, protocol = await loop.create_connection(
-                        lambda: _Connection(self),
+                        lambda: UpstreamConnection(self),
                         up.host,
                         up.port,
                         ssl=self.ssl,
@@ -424,71 +302,7 @@ class UpstreamPool:
             ) from None
         return protocol
 
-    async def send(
-        self,
-        head: bytes,
-        body: Any = None,
-        chunked: bool = False,
-        head_only: bool = False,
-        traffic: Traffic | None = None,
-    ) -> Response:
-        """Send a request head (and stream `body`, an aiohttp StreamReader); await the head."""
-        if self.active < self.upstream.max_connections:
-            self.active += 1
-        else:
-            await self._wait_for_slot()
-        traffic = traffic or Traffic()
-        try:
-            for attempt in range(2):
-                reused = bool(self.idle)
-                connection = self.idle.pop() if reused else await self._connect()
-                connection.pooled = False
-                connection.head_only = head_only
-                connection.head = self.loop.create_future()
-                sender = None
-                retry = False
-                self.awaiting[connection] = self.loop.time() + self.upstream.timeout
-                if self._watch is None:
-                    self._watch = self.loop.call_at(self.awaiting[connection], self._time_out)
-                try:
-                    connection.write(head)
-                    if body is not None:
-                        sender = asyncio.ensure_future(
-                            _send_body(connection, body, chunked, traffic)
-                        )
-                        sender.add_done_callback(connection.body_sent)
-                    await connection.head
-                except BaseException as error:
-                    connection.close()
-                    if sender is not None:
-                        sender.cancel()
-                    if isinstance(error, TimeoutError):
-                        raise UpstreamError(
-                            Reason.UPSTREAM_TIMEOUT, "no response head in time"
-                        ) from None
-                    if not isinstance(error, ConnectionError | OSError):
-                        raise
-                    # A kept-alive connection the upstream closed meanwhile: one fresh try, when
-                    # nothing of a body had to be replayed.
-                    if not (reused and body is None and not connection.started and attempt == 0):
-                        raise UpstreamError(
-                            Reason.UPSTREAM_UNAVAILABLE,
-                            f"connection failed ({type(error).__name__})",
-                        ) from None
-                    retry = True
-                finally:
-                    del self.awaiting[connection]
-                if retry:  # after the finally: mypyc compiles no `continue` inside one
-                    continue
-                response = Response(connection, self)
-                response.sender = sender
-                return response
-        except BaseException:
-            self.release_slot()
-            raise
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def take(self) -> _Connection | None:
+    def take(self) -> UpstreamConnection | None:
         """A slot and a pooled connection at once, or None (a coroutine must wait)."""
         if self.idle and self.active < self.upstream.max_connections:
             self.active += 1
@@ -497,7 +311,7 @@ class UpstreamPool:
             return connection
         return None
 
-    async def acquire(self) -> tuple[_Connection, bool]:
+    async def acquire(self) -> tuple[UpstreamConnection, bool]:
         """A slot and a connection, waiting or connecting if need be; (connection, reused)."""
         if self.active < self.upstream.max_connections:
             self.active += 1
@@ -513,7 +327,7 @@ class UpstreamPool:
             self.release_slot()
             raise
 
-    def begin(self, connection: _Connection, sink: Sink, head_only: bool) -> None:
+    def begin(self, connection: UpstreamConnection, sink: Sink, head_only: bool) -> None:
         """`sink` is told of the answer from now on; its head is timed."""
         connection.sink = sink
         connection.head_only = head_only
@@ -522,11 +336,11 @@ class UpstreamPool:
         if self._watch is None:
             self._watch = self.loop.call_at(deadline, self._time_out)
 
-    def headed(self, connection: _Connection) -> None:
+    def headed(self, connection: UpstreamConnection) -> None:
         """The answer's head came (or the exchange ended): no more head timeout."""
         self.awaiting.pop(connection, None)
 
-    def finish(self, connection: _Connection, reusable: bool) -> None:
+    def finish(self, connection: UpstreamConnection, reusable: bool) -> None:
         """The exchange is over: pool the connection when it can carry another request."""
         self.awaiting.pop(connection, None)
         connection.sink = None
@@ -579,16 +393,3 @@ class UpstreamPool:
         self.retired = True
         while self.idle:
             self.idle.pop().close()
-
-
-async def _send_body(connection: _Connection, body: Any, chunked: bool, traffic: Traffic) -> None:
-    """Stream a request body upstream, re-chunked when it came chunked."""
-    while chunk := await body.readany():
-        traffic.bytes_in += len(chunk)
-        if chunked:
-            connection.write(b"%x\r\n%b\r\n" % (len(chunk), chunk))
-        else:
-            connection.write(chunk)
-        await connection.drain()
-    if chunked:
-        connection.write(b"0\r\n\r\n")

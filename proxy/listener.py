@@ -31,7 +31,7 @@ from .authorize import allow_headers, asked_request
 from .config import Config
 from .decision import Decision, Pending, decide_now
 from .errors import CONTRACT, Reason, Rejection
-from .forward import UpstreamError, UpstreamPool, _Connection
+from .forward import UpstreamError, UpstreamPool, UpstreamConnection
 from .headers import Forwarding, http_date, request_id, response_head, streamed_head
 from .model import RequestView
 from .websocket import Tunnel, is_websocket
@@ -192,7 +192,7 @@ class Exchange:
         self.upstream_seconds: float | None = None
         self.upstream_started = 0.0
         self.pool: UpstreamPool | None = None
-        self.upstream: _Connection | None = None
+        self.upstream: UpstreamConnection | None = None
         self.reply_chunked = False  # the answer is chunked by us
         self.task: asyncio.Task[None] | None = None
         self.begun = False  # its turn came
@@ -363,13 +363,15 @@ class Exchange:
             return
         self.send(connection, head, reused)
 
-    def send(self, connection: _Connection, head: bytes, reused: bool) -> None:
+    def send(self, connection: UpstreamConnection, head: bytes, reused: bool) -> None:
         """Write the head and what came of the body; the rest follows as it comes."""
         pool = self.pool
         assert pool is not None  # noqa: S101
         self.upstream = connection
         self.reused = reused
         pool.begin(connection, self, self.head_only)
+        if self.client.write_paused and connection.transport is not None:
+            connection.transport.pause_reading()  # the client reads slowly: wait for it
         try:
             connection.write(head)
             for chunk in self.body:
@@ -387,7 +389,7 @@ class Exchange:
 
     # --- the upstream's answer (forward.Sink) ---
 
-    def response_ready(self, connection: _Connection) -> None:
+    def response_ready(self, connection: UpstreamConnection) -> None:
         pool = self.pool
         if pool is not None:
             pool.headed(connection)
@@ -436,7 +438,7 @@ class Exchange:
         else:
             self.client.write(data)
 
-    def response_end(self, connection: _Connection) -> None:
+    def response_end(self, connection: UpstreamConnection) -> None:
         if self.reply_chunked:
             self.client.write(_LAST_CHUNK)
         self.upstream = None
@@ -447,7 +449,7 @@ class Exchange:
             pool.finish(connection, self.body_done and self.writing)
         self.answer_done()
 
-    def response_failed(self, connection: _Connection, error: BaseException) -> None:
+    def response_failed(self, connection: UpstreamConnection, error: BaseException) -> None:
         self.upstream = None
         pool = self.pool
         started = connection.started
@@ -696,6 +698,7 @@ class Connection(asyncio.Protocol):
         self.head_timer: asyncio.TimerHandle | None = None
         self.idle_timer: asyncio.TimerHandle | None = None
         self.holds = 0
+        self.write_paused = False  # the client's transport buffer is full
         self.closing = False  # close once the answers in line are out (drain, Connection: close)
         self.closed = False
         self.reading = True  # False: no byte more is parsed
@@ -753,6 +756,7 @@ class Connection(asyncio.Protocol):
         self.advance()
 
     def pause_writing(self) -> None:
+        self.write_paused = True
         exchange = self.queue[0] if self.queue else None
         upstream = exchange.upstream if exchange is not None else None
         if upstream is not None and upstream.transport is not None:
@@ -761,6 +765,7 @@ class Connection(asyncio.Protocol):
             self.tunnel.client_writable(False)
 
     def resume_writing(self) -> None:
+        self.write_paused = False
         exchange = self.queue[0] if self.queue else None
         upstream = exchange.upstream if exchange is not None else None
         if upstream is not None and upstream.transport is not None:

@@ -12,6 +12,7 @@ answers at once, or bytes on an idle keep-alive connection.
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 
@@ -159,46 +160,58 @@ async def test_well_behaved_connections_are_still_reused(
     assert len(pool_of(proxy).idle) == 1
 
 
-class CutShort:
-    """A request body whose client leaves after its first piece (the listener's reader then
-    raises, as aiohttp's does)."""
-
-    def __init__(self) -> None:
-        self.cut = asyncio.Event()
-        self.pieces = [b"0123456789"]
-
-    async def readany(self) -> bytes:
-        if self.pieces:
-            return self.pieces.pop()
-        await self.cut.wait()
-        raise ConnectionResetError("the client left mid-body")
-
-
 async def test_a_body_cut_short_never_returns_its_connection_to_the_pool(
     proxy_for: ProxyFactory, scripted: ScriptedUpstream
 ) -> None:
-    """Defect: the upstream answered at once (whole, keep-alive) while the body still came; the
-    body then failed, and when the answer was released before the sender's done-callback ran
-    (the next loop turn), the connection went back to the pool with 90 of 100 declared bytes
-    unsent: the upstream would read the next request's head as this one's body."""
+    """The upstream answers at once (whole, keep-alive) while the body still comes; the client
+    then leaves with 90 of 100 declared bytes unsent. Pooled, that connection would make the
+    upstream read the next request's head as this one's body."""
+    scripted.script["/early"] = answer(b"early")
     proxy = await proxy_to(proxy_for, scripted)
-    pool = pool_of(proxy)
-    body = CutShort()
-    head = b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
-    response = await pool.send(head, body=body)
-    assert response.complete  # the upstream answered before the body was whole
-    body.cut.set()
-    await asyncio.sleep(0)  # the sender fails; its done-callbacks run on the next turn
-    assert response.sender is not None
-    assert response.sender.done()
-    response.release()
-    assert not pool.idle
+    host, port = proxy.url.split("//")[1].split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /early HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n0123456789")
+    received = b""
+    while b"early" not in received:
+        received += await asyncio.wait_for(reader.read(4096), 5)
+    writer.close()
     await until(lambda: not scripted.open)
     assert not scripted.open
-    assert pool.active == 0
+    pool = pool_of(proxy)
+    assert (len(pool.idle), pool.active) == (0, 0)
     following = await proxy.get("/next")
     assert (following.status, await following.read()) == (200, b"own answer to /next")
-    assert [number for number, _ in scripted.requests] == [1, 2]
+    assert scripted.requests[-1] == (2, "/next")  # a fresh connection
+
+
+async def test_a_slow_reader_leaves_its_pooled_connection_reading(
+    proxy_for: ProxyFactory, scripted: ScriptedUpstream
+) -> None:
+    """A client that reads a large answer slowly pauses the upstream connection's reading
+    (back-pressure); once the answer ends that connection is pooled reading again and carries
+    the next request (a connection left paused would time it out as a 504)."""
+    scripted.script["/big"] = answer(b"x" * (4 << 20))
+    proxy = await proxy_to(proxy_for, scripted)
+    host, port = proxy.url.split("//")[1].split(":")
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    reader, writer = await asyncio.open_connection(sock=sock, limit=1 << 16)
+    writer.write(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 200")
+    left = 4 << 20
+    for _ in range(8192):  # bounded: 1 KB reads, a pause now and then
+        if not left:
+            break
+        left -= len(await asyncio.wait_for(reader.read(min(left, 1024)), 5))
+        await asyncio.sleep(0)
+    assert left == 0
+    writer.write(b"GET /next HTTP/1.1\r\nHost: x\r\n\r\n")
+    following = await asyncio.wait_for(reader.readuntil(b"own answer to /next"), 3)
+    assert following.startswith(b"HTTP/1.1 200")
+    assert scripted.requests == [(1, "/big"), (1, "/next")]  # the pooled connection, reused
+    writer.close()
 
 
 async def test_an_unasked_101_is_a_bad_gateway_and_closes_the_connection(
