@@ -72,26 +72,6 @@ class ErrorBodies:
         """Status, body and challenge (None: no challenge) of one reason."""
         return self._rendered[reason]
 
-    def response(
-        self,
-        reason: Reason,
-        rid_name: str,
-        rid: str,
-        retry_after: int | None = None,
-        allow: str | None = None,
-    ) -> web.Response:
-        status, body, challenge = self._rendered[reason]
-        headers = {rid_name: rid}
-        if challenge is not None:
-            headers["WWW-Authenticate"] = challenge
-        if retry_after is not None:
-            headers["Retry-After"] = str(retry_after)
-        if allow is not None:
-            headers["Allow"] = allow
-        return web.Response(
-            status=status, body=body, headers=headers, content_type="application/json"
-        )
-
 
 @dataclass(frozen=True, slots=True)
 class State:
