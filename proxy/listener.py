@@ -31,7 +31,7 @@ from .authorize import allow_headers, asked_request
 from .config import Config
 from .decision import Decision, Pending, decide_now
 from .errors import CONTRACT, Reason, Rejection
-from .forward import UpstreamError, UpstreamPool, UpstreamConnection
+from .forward import UpstreamConnection, UpstreamError, UpstreamPool
 from .headers import Forwarding, http_date, request_id, response_head, streamed_head
 from .model import RequestView
 from .websocket import Tunnel, is_websocket
