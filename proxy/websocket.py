@@ -24,7 +24,8 @@ from .config import Upstream
 from .errors import Reason
 
 if TYPE_CHECKING:
-    from .listener import Connection, Exchange
+    from .exchange import Exchange
+    from .listener import Connection
     from .model import Headers
 
 POLICY_VIOLATION: Final = 1008

@@ -14,7 +14,7 @@ LAYERS = {
     "decision": 5, "headers": 5, "mint": 5, "authorize": 5,
     "forward": 6, "token_service": 6,
     "app": 7,
-    "listener": 8, "websocket": 8, "console": 8,
+    "answers": 8, "exchange": 8, "listener": 8, "websocket": 8, "console": 8,
     "runtime": 9,
     "workers": 10, "demo": 10, "cli": 10, "__main__": 11,
 }  # fmt: skip

@@ -619,7 +619,7 @@ async def test_internal_error_is_500_logged_with_traceback(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("a bug")
 
-    monkeypatch.setattr("proxy.listener.decide_now", broken)
+    monkeypatch.setattr("proxy.exchange.decide_now", broken)
     response = await proxy.get("/x", token=mint(**good()))
     assert response.status == 500
     assert "WWW-Authenticate" not in response.headers
