@@ -131,7 +131,6 @@ def main() -> int:
     results: dict[str, int] = {}
     try:
         upstream = bench.nginx().url
-        floor = str(ROOT / "bench" / "floor.py")
 
         def proxy(port: int, access: bool, auth: bool, alg: str = "HS256") -> list[str]:
             checked = alg if auth else None
@@ -141,11 +140,6 @@ def main() -> int:
         no_uvloop = ["-c", "import sys; sys.modules['uvloop'] = None; "
                      "from proxy.cli import main; sys.exit(main())"]  # fmt: skip
         variants: dict[str, Callable[[int], list[str]]] = {
-            "aiohttp server, constant response": lambda port: [floor, str(port)],
-            "aiohttp server + our upstream pool": lambda port: [
-                floor, str(port), "--forward", upstream, "--client", "pool"],
-            "aiohttp server + ClientSession": lambda port: [
-                floor, str(port), "--forward", upstream, "--client", "session"],
             "token-proxy passthrough": lambda port: proxy(port, access=False, auth=False),
             # the same request bytes as the HS256 cases: what the token check alone costs
             "token-proxy passthrough, token sent along": lambda port: proxy(
@@ -158,10 +152,6 @@ def main() -> int:
             # a longer token (RS256: 342 signature characters against 43), also a cache hit
             "token-proxy RS256, cache hit": lambda port: proxy(
                 port, access=False, auth=True, alg="RS256"),
-            # bench-only: aiohttp's server replaced by the httptools prototype
-            "prototype httptools listener, HS256, cache hit": lambda port: [
-                str(ROOT / "bench" / "httptools_listener.py"),
-                proxy(port, access=False, auth=True)[-1]],
             # the product's CLI with uvloop made unimportable: its asyncio fallback
             "token-proxy HS256, cache hit, asyncio loop": lambda port: [
                 *no_uvloop, *proxy(port, access=False, auth=True)[2:]],
@@ -175,7 +165,6 @@ def main() -> int:
                 "token-proxy HS256, cache hit, access log",
                 "token-proxy HS256, cache hit, browser headers",
                 "token-proxy RS256, cache hit",
-                "prototype httptools listener, HS256, cache hit",
             )
         }
         if args.python == PYTHON and Path(COMPILED).exists():

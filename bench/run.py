@@ -8,7 +8,7 @@ builds); the "interpreted" case runs the same code as plain Python (the editable
 
 Layout (2 cores): the proxy under test on CPU 0; nginx (the upstream) and wrk (1 thread,
 64 connections) on CPU 1. Every case gets the same request, GET /x with a valid token (RS256
-for the RS256 cases, HS256 otherwise; the floor and passthrough ignore it). Every case is
+for the RS256 cases, HS256 otherwise; the passthroughs ignore it). Every case is
 checked first (valid 200, bad signature 401, expired 401, missing 401), then measured in
 interleaved rounds (every other one backwards, compared cases side by side); ratios are taken
 inside each round and the report quotes medians. Proxy CPU per request comes from /proc
@@ -214,11 +214,22 @@ class Bench:
             "nginx", LOAD_CPU, nginx_command(self.work, port), f"http://127.0.0.1:{port}"
         )
 
-    def haproxy(self, alg: str, upstream: str) -> Server:
+    def haproxy(self, alg: str | None, upstream: str) -> Server:
+        """HAProxy verifying `alg` on every request (None: no JWT rules, a plain proxy)."""
         port = free_port()
         key = HS_SECRET if alg == "HS256" else str(self.work / "rsa.pub")
         verify = f'var(txn.bearer),jwt_verify(txn.alg,"{key}")'
-        conf = self.work / f"haproxy-{alg}.cfg"
+        rules = f"""
+    http-request deny deny_status 401 unless {{ req.hdr(authorization) -m found }}
+    http-request set-var(txn.bearer) http_auth_bearer
+    http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg')
+    http-request deny deny_status 401 unless {{ var(txn.alg) -m str {alg} }}
+    http-request deny deny_status 401 unless {{ {verify} -m int 1 }}
+    http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('$.exp','int')
+    http-request set-var(txn.now) date()
+    http-request deny deny_status 401 if {{ var(txn.exp),sub(txn.now) -m int lt 0 }}"""
+        name = f"haproxy-{alg or 'passthrough'}"
+        conf = self.work / f"{name}.cfg"
         up = upstream.split("//")[1]
         conf.write_text(f"""
 global
@@ -232,28 +243,19 @@ defaults
     option http-keep-alive
 frontend fe
     bind 127.0.0.1:{port}
-    http-request return status 200 if {{ path /healthz }}
-    http-request deny deny_status 401 unless {{ req.hdr(authorization) -m found }}
-    http-request set-var(txn.bearer) http_auth_bearer
-    http-request set-var(txn.alg) var(txn.bearer),jwt_header_query('$.alg')
-    http-request deny deny_status 401 unless {{ var(txn.alg) -m str {alg} }}
-    http-request deny deny_status 401 unless {{ {verify} -m int 1 }}
-    http-request set-var(txn.exp) var(txn.bearer),jwt_payload_query('$.exp','int')
-    http-request set-var(txn.now) date()
-    http-request deny deny_status 401 if {{ var(txn.exp),sub(txn.now) -m int lt 0 }}
+    http-request return status 200 if {{ path /healthz }}{rules if alg else ""}
     default_backend be
 backend be
     http-reuse always
     server up {up} maxconn 512
 """)
         server = self.spawn(
-            f"haproxy-{alg}",
-            PROXY_CPU,
-            ["haproxy", "-f", str(conf), "-db"],
-            f"http://127.0.0.1:{port}",
+            name, PROXY_CPU, ["haproxy", "-f", str(conf), "-db"], f"http://127.0.0.1:{port}"
         )
-        server.tokens = self.tokens[alg]
-        server.load_token = server.tokens["valid"]
+        if alg:
+            server.tokens = self.tokens[alg]
+        # The passthrough gets the same request bytes too.
+        server.load_token = self.tokens[alg or "HS256"]["valid"]
         return server
 
     def proxy_config(
@@ -296,7 +298,6 @@ backend be
         cache: bool = True,
         access: bool = False,
         workers: int = 1,
-        listener: bool = False,
         python: str = COMPILED,
     ) -> Server:
         port = free_port()
@@ -304,8 +305,6 @@ backend be
             name, port, upstream, alg, cache=cache, access=access, admin=workers > 1
         )
         command = [python, "-m", "proxy", "serve", "--config", str(path)]
-        if listener:  # the bench-only prototype: the product's decision on httptools
-            command = [python, str(ROOT / "bench" / "httptools_listener.py"), str(path)]
         if workers > 1:
             command += ["--workers", str(workers)]
         cpu = PROXY_CPU if workers == 1 else f"{PROXY_CPU},{LOAD_CPU}"
@@ -319,16 +318,15 @@ backend be
             time.sleep(2)  # both workers up
         return server
 
-    def aiohttp_floor(self) -> Server:
+    def streaming_upstream(self) -> Server:
+        """The 1 GB measurement's upstream (bench/streaming_upstream.py), beside nginx."""
         port = free_port()
-        server = self.spawn(
-            "aiohttp-floor",
-            PROXY_CPU,
-            [PYTHON, str(ROOT / "bench" / "floor.py"), str(port)],
+        return self.spawn(
+            "streaming-upstream",
+            LOAD_CPU,
+            [PYTHON, str(ROOT / "bench" / "streaming_upstream.py"), str(port)],
             f"http://127.0.0.1:{port}",
         )
-        server.load_token = self.tokens["HS256"]["valid"]  # the same request bytes as the others
-        return server
 
     # --- measuring -------------------------------------------------------------------------
 
@@ -460,7 +458,7 @@ def main() -> int:
         # backwards: the machine's speed drifts, and a ratio taken across a few seconds and
         # both ways round drifts least.
         cases: dict[str, Callable[[], Server]] = {
-            "aiohttp floor": bench.aiohttp_floor,
+            "haproxy passthrough": lambda: bench.haproxy(None, up),
             "passthrough": lambda: bench.token_proxy("passthrough", up, None),
             "haproxy HS256": lambda: bench.haproxy("HS256", up),
             "HS256 cache": lambda: bench.token_proxy("hs-cache", up, "HS256"),
@@ -472,9 +470,6 @@ def main() -> int:
             ),
             "HS256 cache, 2 workers": lambda: bench.token_proxy(
                 "hs-workers", up, "HS256", workers=2
-            ),
-            "prototype listener HS256 cache": lambda: bench.token_proxy(
-                "hs-prototype", up, "HS256", listener=True
             ),
             "HS256 no cache": lambda: bench.token_proxy("hs-nocache", up, "HS256", cache=False),
             "haproxy RS256": lambda: bench.haproxy("RS256", up),
@@ -528,8 +523,9 @@ def main() -> int:
             extras["added_latency_p50_ms"] = statistics.median(
                 a["p50_ms"] - b["p50_ms"] for a, b in zip(one, base, strict=True)
             )
-        if "aiohttp floor" in servers:
-            streamer = bench.token_proxy("streaming", servers["aiohttp floor"].url, None)
+        if not args.only or "streaming" in args.only.split(","):
+            big = bench.streaming_upstream()
+            streamer = bench.token_proxy("streaming", big.url, None)
             extras["streaming_1GB"] = asyncio.run(streaming_rss(streamer, 1 << 30))
     finally:
         bench.stop()
@@ -547,7 +543,13 @@ def summarize(results: dict[str, list[dict[str, float]]], extras: dict[str, Any]
     """Medians per case, and ratios taken inside each round, then their medians."""
     table = {}
     for name, rounds in results.items():
-        reference = "haproxy RS256" if "RS256" in name else "haproxy HS256"
+        reference = (
+            "haproxy RS256"
+            if "RS256" in name
+            else "haproxy passthrough"
+            if "passthrough" in name
+            else "haproxy HS256"
+        )
         ratios = [
             r["rps"] / results[reference][i]["rps"]
             for i, r in enumerate(rounds)
@@ -570,8 +572,12 @@ def summarize(results: dict[str, list[dict[str, float]]], extras: dict[str, Any]
             x[key] / y[key] for x, y in zip(results[a], results[b], strict=True)
         )
 
-    derived["HS256 cache / aiohttp floor"] = ratio("HS256 cache", "aiohttp floor")
     derived["HS256 cache / haproxy HS256"] = ratio("HS256 cache", "haproxy HS256")
+    derived["HS256 cache, interpreted / haproxy HS256"] = ratio(
+        "HS256 cache, interpreted", "haproxy HS256"
+    )
+    derived["passthrough / haproxy passthrough"] = ratio("passthrough", "haproxy passthrough")
+    derived["p99 HS256 cache / haproxy HS256"] = ratio("HS256 cache", "haproxy HS256", "p99_ms")
     derived["RS256 cache / haproxy RS256"] = ratio("RS256 cache", "haproxy RS256")
     derived["cache-hit check cost vs passthrough (cpu)"] = (
         None
