@@ -438,7 +438,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--seconds", type=int, default=10)
     parser.add_argument("--connections", type=int, default=64)
-    parser.add_argument("--only", help="comma-separated case names")
+    parser.add_argument(
+        "--only", action="append", help="a case name (repeatable; HAProxy's always run)"
+    )
     parser.add_argument("--out", default=str(ROOT / "bench" / "results"))
     args = parser.parse_args()
     for tool in ("haproxy", "nginx", "wrk", "taskset"):
@@ -477,7 +479,7 @@ def main() -> int:
             "RS256 no cache": lambda: bench.token_proxy("rs-nocache", up, "RS256", cache=False),
         }
         if args.only:
-            wanted = set(args.only.split(","))
+            wanted = set(args.only)
             cases = {k: v for k, v in cases.items() if k in wanted or k.startswith("haproxy")}
         servers = {name: make() for name, make in cases.items()}
         for server in servers.values():
@@ -523,7 +525,7 @@ def main() -> int:
             extras["added_latency_p50_ms"] = statistics.median(
                 a["p50_ms"] - b["p50_ms"] for a, b in zip(one, base, strict=True)
             )
-        if not args.only or "streaming" in args.only.split(","):
+        if not args.only or "streaming" in args.only:
             big = bench.streaming_upstream()
             streamer = bench.token_proxy("streaming", big.url, None)
             extras["streaming_1GB"] = asyncio.run(streaming_rss(streamer, 1 << 30))
