@@ -17,6 +17,11 @@ Checks, printed as one JSON object (exit 1 when one fails):
   - the proxy's open file descriptors do not grow (the last minute against the first after
     the warm-up);
   - one access line per request (the proxy's stdout goes to a file in the work directory).
+
+`--tracemalloc DIR` (a diagnosis, not a measurement: tracing slows the proxy several times)
+runs the proxy under tracemalloc and writes a snapshot to DIR every `--snapshot-every` seconds
+(SIGUSR1, handled by a wrapper around `python -m proxy`, nothing in proxy/); compare two with
+`python bench/soak.py --compare DIR/a.snap DIR/b.snap`.
 """
 
 from __future__ import annotations
@@ -56,6 +61,26 @@ EXPECTED: dict[str, tuple[int, int | None, str]] = {
     "missing": (401, 39, "TokenRequired"),
 }
 _REQUESTS = re.compile(r"^token_proxy_requests_total\{(.*)\} (\S+)$", re.MULTILINE)
+# Runs `python -m proxy ...` with tracemalloc on; SIGUSR1 writes a snapshot to argv[1].
+# With --collect a full collection runs first and what it freed goes to gc.log.
+TRACE_WRAPPER = """
+import gc, os, runpy, signal, sys, time, tracemalloc
+out = sys.argv.pop(1)
+collect = sys.argv.pop(1) == "collect"
+tracemalloc.start(12)
+def dump(*_):
+    now = time.monotonic()
+    if collect:
+        traced = tracemalloc.get_traced_memory()[0]
+        freed = gc.collect()
+        with open(os.path.join(out, "gc.log"), "a") as log:
+            print(int(now), gc.get_stats(), "objects freed", freed, "traced bytes freed",
+                  traced - tracemalloc.get_traced_memory()[0], file=log)
+    tracemalloc.take_snapshot().dump(os.path.join(out, "%d.snap" % now))
+signal.signal(signal.SIGUSR1, dump)
+sys.argv[0] = "proxy"
+runpy.run_module("proxy", run_name="__main__", alter_sys=True)
+"""
 _RELOADS = re.compile(r'^token_proxy_reloads_total\{result="(\w+)"\} (\S+)$', re.MULTILINE)
 
 
@@ -94,9 +119,13 @@ def fd_count(pid: int) -> int:
 class Servers:
     """nginx and token-proxy in the work directory; stopped whatever happens."""
 
-    def __init__(self, work: Path, python: str) -> None:
+    def __init__(
+        self, work: Path, python: str, trace: Path | None = None, collect: bool = False
+    ) -> None:
         self.work = work
         self.python = python
+        self.trace = trace
+        self.collect = collect
         self.processes: list[subprocess.Popen[bytes]] = []
         self.upstream_port = free_port()
         self.port, self.admin = free_port(), free_port()
@@ -131,10 +160,14 @@ class Servers:
     def proxy(self) -> subprocess.Popen[bytes]:
         self.write_config(0)
         command = [self.python, "-m", "proxy", "serve", "--config", str(self.config)]
+        if self.trace is not None:
+            collect = "collect" if self.collect else "keep"
+            command[1:3] = ["-c", TRACE_WRAPPER, str(self.trace), collect]
         with self.stdout.open("wb") as out:
             process = spawn(PROXY_CPU, command, stdout=out, cwd=ROOT)
         self.processes.append(process)
-        wait_http(f"http://127.0.0.1:{self.admin}/readyz")
+        # tracing makes the imports several times slower
+        wait_http(f"http://127.0.0.1:{self.admin}/readyz", 15 if self.trace is None else 120)
         return process
 
     def stop(self) -> None:
@@ -220,11 +253,18 @@ class Samples:
     fds: list[int] = field(default_factory=list)
 
 
-async def sample(pid: int, samples: Samples, started: float, stop: asyncio.Event) -> None:
+async def sample(
+    pid: int, samples: Samples, started: float, stop: asyncio.Event, snapshot_every: float | None
+) -> None:
+    snapshot_at = 0.0
     while not stop.is_set():
-        samples.times.append(time.monotonic() - started)
+        now = time.monotonic() - started
+        samples.times.append(now)
         samples.rss.append(rss_kb(pid))
         samples.fds.append(fd_count(pid))
+        if snapshot_every is not None and now >= snapshot_at:
+            os.kill(pid, signal.SIGUSR1)
+            snapshot_at = now + snapshot_every
         await asyncio.sleep(1)
 
 
@@ -254,7 +294,8 @@ async def drive(
         asyncio.ensure_future(connection(load, "127.0.0.1", servers.port, n, stop))
         for n in range(args.connections)
     ]
-    sampler = asyncio.ensure_future(sample(process.pid, samples, started, stop))
+    every = args.snapshot_every if args.tracemalloc is not None else None
+    sampler = asyncio.ensure_future(sample(process.pid, samples, started, stop, every))
     reloader = asyncio.ensure_future(reload_every(servers, process, args.reload_every, stop))
     await asyncio.sleep(args.seconds)
     stop.set()
@@ -343,6 +384,22 @@ def count_access_lines(path: Path) -> int:
     return lines
 
 
+def compare(old: Path, new: Path, top: int = 25) -> None:
+    """What grew between two snapshots, by the traceback of its allocation."""
+    import tracemalloc
+
+    first = tracemalloc.Snapshot.load(str(old))
+    second = tracemalloc.Snapshot.load(str(new))
+    drop = [tracemalloc.Filter(False, tracemalloc.__file__)]
+    stats = second.filter_traces(drop).compare_to(first.filter_traces(drop), "traceback")
+    total = sum(stat.size_diff for stat in stats)
+    print(f"{new.name} against {old.name}: {total / 1024:+.1f} KiB traced")
+    for stat in stats[:top]:
+        print(f"{stat.size_diff / 1024:+9.1f} KiB {stat.count_diff:+7d} blocks")
+        for line in stat.traceback.format(limit=6):
+            print("    " + line)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seconds", type=float, default=600)
@@ -352,7 +409,14 @@ def main() -> int:
     parser.add_argument("--python", default=PYTHON, help="the Python that runs token-proxy")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     parser.add_argument("--keep", action="store_true", help="keep the work directory")
+    parser.add_argument("--tracemalloc", type=Path, help="snapshots of the proxy go here")
+    parser.add_argument("--snapshot-every", type=float, default=60)
+    parser.add_argument("--collect", action="store_true", help="gc.collect() before each")
+    parser.add_argument("--compare", type=Path, nargs=2, help="two snapshots: what grew")
     args = parser.parse_args()
+    if args.compare is not None:
+        compare(*args.compare)
+        return 0
     if args.warmup is None:
         args.warmup = min(60.0, args.seconds / 5)
     for tool in ("nginx", "taskset"):
@@ -360,7 +424,10 @@ def main() -> int:
             print(f"soak: {tool} is not installed (bench/setup)", file=sys.stderr)
             return 2
     work = Path(tempfile.mkdtemp(prefix="token-proxy-soak-"))
-    servers = Servers(work, args.python)
+    if args.tracemalloc is not None:
+        args.tracemalloc = args.tracemalloc.resolve()
+        args.tracemalloc.mkdir(parents=True, exist_ok=True)
+    servers = Servers(work, args.python, args.tracemalloc, args.collect)
     try:
         servers.nginx()
         process = servers.proxy()
