@@ -19,7 +19,7 @@ import socket
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import aiohttp
 import jwt
@@ -34,6 +34,13 @@ from proxy.listener import Listener
 from proxy.metrics import Metrics
 from proxy.runtime import make_socket
 from proxy.telemetry import Log
+
+if TYPE_CHECKING:
+    from cryptography.hazmat.primitives.asymmetric.ec import EllipticCurvePrivateKey
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.asymmetric.rsa import RSAPrivateKey
+
+    PrivateKey = RSAPrivateKey | EllipticCurvePrivateKey | Ed25519PrivateKey
 
 SECRET = b"s" * 32 + b"-test-secret-of-forty-bytes"
 SECRET_B64 = base64.b64encode(SECRET).decode()
@@ -369,7 +376,7 @@ class KeyFiles:
         from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
         self.directory = directory
-        self.private = {
+        self.private: dict[str, PrivateKey] = {
             "rsa": rsa.generate_private_key(public_exponent=65537, key_size=2048),
             "rsa2": rsa.generate_private_key(public_exponent=65537, key_size=2048),
             "rsa1024": rsa.generate_private_key(public_exponent=65537, key_size=1024),  # noqa: S505
@@ -387,7 +394,7 @@ class KeyFiles:
     def private_pem(self, name: str) -> bytes:
         from cryptography.hazmat.primitives import serialization
 
-        return self.private[name].private_bytes(  # type: ignore[union-attr]
+        return self.private[name].private_bytes(
             serialization.Encoding.PEM,
             serialization.PrivateFormat.PKCS8,
             serialization.NoEncryption(),
@@ -422,7 +429,7 @@ class KeyFiles:
             .serial_number(1)
             .not_valid_before(now)
             .not_valid_after(now + datetime.timedelta(days=1))
-            .sign(key, hashes.SHA256())  # type: ignore[arg-type]
+            .sign(key, hashes.SHA256())
         )
         return cert.public_bytes(serialization.Encoding.PEM)
 
@@ -436,7 +443,7 @@ class KeyFiles:
         family = {"r": RSAAlgorithm, "e": ECAlgorithm}.get(name[0], OKPAlgorithm)
         if name.startswith("ed"):
             family = OKPAlgorithm
-        data = json.loads(family.to_jwk(key))  # type: ignore[attr-defined]
+        data: dict[str, Any] = json.loads(family.to_jwk(key))  # type: ignore[attr-defined]
         data.update(extra)
         return data
 

@@ -441,7 +441,7 @@ apps:
     path.write_text(text)
     env = {"EXPOSE": "False", "ENV": "123", "S": digits, "TIER": "7"}
     config = load(str(path), env=env)
-    assert config.upstream.url == "http://127.0.0.1:9000"
+    assert config.upstream.url == "http://127.0.0.1:9000"  # type: ignore[union-attr]
     assert config.shutdown_timeout == 12
     assert config.errors.expose_reason is False
     assert config.errors.realm == "on"
@@ -471,7 +471,7 @@ def test_secret_not_in_repr(tmp_path: Path) -> None:
 
 def test_url_safe_base64_and_raw_secrets(tmp_path: Path) -> None:
     url_safe = "-_-_" * 11
-    data = {
+    data: dict[str, Any] = {
         **BASE,
         "apps": [
             {**HS_APP, "secrets": [url_safe]},
@@ -555,7 +555,7 @@ def test_zero_leeway_cache_ttl_and_shutdown_timeout_are_fine(tmp_path: Path) -> 
     config = load(str(path), env={})
     assert (config.shutdown_timeout, config.token.leeway, config.token.cache_ttl) == (0, 0, 0)
     path.write_text(yaml.safe_dump({**BASE, "upstream": {"url": "http://h", "timeout": 0.5}}))
-    assert load(str(path), env={}).upstream.timeout == 0.5
+    assert load(str(path), env={}).upstream.timeout == 0.5  # type: ignore[union-attr]
 
 
 def test_authorize_mode_needs_no_upstream_and_keeps_null_headers(tmp_path: Path) -> None:

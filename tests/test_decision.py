@@ -277,7 +277,7 @@ def asymmetric(keys: KeyFiles, files: list[str]) -> dict[str, Any]:
 def signed_by(keys: KeyFiles, name: str, alg: str, kid: str | None = None) -> str:
     headers = {"kid": kid} if kid is not None else None
     claims = {"exp": int(time.time()) + 60}
-    return jwt.encode(claims, keys.private[name], algorithm=alg, headers=headers)  # type: ignore[arg-type]
+    return jwt.encode(claims, keys.private[name], algorithm=alg, headers=headers)
 
 
 async def test_no_kid_and_no_key_fitting_the_algorithm_is_bad_signature(keys: KeyFiles) -> None:

@@ -371,7 +371,7 @@ async def test_bad_documents_keep_old_keys(
 def settings(**overrides: Any) -> Any:
     from proxy.config import TokenSettings
 
-    values = {
+    values: dict[str, Any] = {
         "sources": (), "leeway": 30.0, "max_length": 8192, "cache_size": 0, "cache_ttl": 0.0,
         "jwks_cache_ttl": 300.0, "jwks_min_refresh": 30.0, "jwks_max_stale": 86400.0,
         "jwks_timeout": 2.0,
@@ -549,7 +549,7 @@ async def test_reload_fetches_new_urls_first(
 ) -> None:
     proxy = await proxy_for({})
     jwks.document = {"keys": [keys.jwk("rsa", kid="k")]}
-    data = {"upstream": {"url": proxy.config.upstream.url}, **idp_app(jwks_url=jwks.url)}
+    data = {"upstream": {"url": proxy.config.upstream.url}, **idp_app(jwks_url=jwks.url)}  # type: ignore[union-attr]
     config = load(str(write_config(tmp_path, data, "with-jwks.yaml")))
     resources: Resources = proxy.proxy.resources
     proxy.proxy.swap(await resources.prepare(config))

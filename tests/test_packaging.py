@@ -10,6 +10,7 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import pytest
@@ -96,24 +97,24 @@ def test_manifests_validate_against_kubernetes() -> None:
     assert result.returncode == 0, result.stdout + result.stderr
 
 
-def documents(path: str) -> list[dict[str, object]]:
+def documents(path: str) -> list[dict[str, Any]]:
     return [doc for doc in yaml.safe_load_all((ROOT / path).read_text()) if doc]
 
 
 @pytest.mark.parametrize("path", MANIFESTS)
 def test_manifest_configs_pass_check_and_timing_fits(path: str, tmp_path: Path) -> None:
     docs = documents(path)
-    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["proxy.yaml"]  # type: ignore[index]
-    secret = next(d for d in docs if d["kind"] == "Secret")["stringData"]  # type: ignore[index]
+    config = next(d for d in docs if d["kind"] == "ConfigMap")["data"]["proxy.yaml"]
+    secret = next(d for d in docs if d["kind"] == "Secret")["stringData"]
     (tmp_path / "proxy.yaml").write_text(config)
-    env = {**os.environ, **{name: SECRET_B64 for name in secret}}  # type: ignore[union-attr]
+    env = {**os.environ, **{name: SECRET_B64 for name in secret}}
     result = subprocess.run(
         [sys.executable, "-m", "proxy", "check", "--config", str(tmp_path / "proxy.yaml")],
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     shutdown = yaml.safe_load(config)["shutdown_timeout"]
-    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]  # type: ignore[index]
+    pod = next(d for d in docs if d["kind"] == "Deployment")["spec"]["template"]["spec"]
     proxy = next(c for c in pod["containers"] if c["name"] == "token-proxy")
     pre_stop = int(proxy["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["terminationGracePeriodSeconds"] > pre_stop + shutdown
@@ -125,7 +126,7 @@ def test_gateway_has_autoscaler_budget_and_scrape_annotations() -> None:
     kinds = {doc["kind"] for doc in documents("deploy/gateway.yaml")}
     assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= kinds
     deployment = next(d for d in documents("deploy/gateway.yaml") if d["kind"] == "Deployment")
-    annotations = deployment["spec"]["template"]["metadata"]["annotations"]  # type: ignore[index]
+    annotations = deployment["spec"]["template"]["metadata"]["annotations"]
     assert annotations["prometheus.io/scrape"] == "true"
 
 
@@ -176,14 +177,14 @@ def test_dashboard_and_rules_use_only_exported_metrics() -> None:
 def test_ingress_auth_asks_token_proxy_and_copies_every_identity_header() -> None:
     docs = documents("deploy/ingress-auth.yaml")
     config_map = next(d for d in docs if d["kind"] == "ConfigMap")
-    config = yaml.safe_load(config_map["data"]["proxy.yaml"])  # type: ignore[index]
+    config = yaml.safe_load(config_map["data"]["proxy.yaml"])
     assert config["mode"] == "authorize"
     service = next(d for d in docs if d["kind"] == "Service")
     ingress = next(d for d in docs if d["kind"] == "Ingress")
-    annotations = ingress["metadata"]["annotations"]  # type: ignore[index]
+    annotations = ingress["metadata"]["annotations"]
     url = urlsplit(annotations["nginx.ingress.kubernetes.io/auth-url"])
-    assert url.hostname.split(".")[0] == service["metadata"]["name"]  # type: ignore[index, union-attr]
-    assert url.port == service["spec"]["ports"][0]["port"]  # type: ignore[index]
+    assert url.hostname.split(".")[0] == service["metadata"]["name"]
+    assert url.port == service["spec"]["ports"][0]["port"]
     # X-Original-URI, the header the config reads, is only sent with an auth-method
     assert config["authorize"]["uri_header"] == "X-Original-URI"
     assert annotations["nginx.ingress.kubernetes.io/auth-method"] == "GET"

@@ -192,7 +192,7 @@ def mutated_tokens(draw: st.DrawFn) -> str:
     kind = draw(st.sampled_from(["flip", "insert", "delete", "segments", "header", "payload"]))
     if kind in ("flip", "insert", "delete"):
         at = draw(st.integers(0, len(token) - 1))
-        char = draw(st.sampled_from([*".=+/-_ %\x00aZ9é", chr(0xDC80)]))
+        char: str = draw(st.sampled_from([*".=+/-_ %\x00aZ9é", chr(0xDC80)]))
         if kind == "flip":
             return token[:at] + char + token[at + 1 :]
         if kind == "insert":
@@ -604,7 +604,7 @@ BASE_CONFIG = {
 }
 RSA_APP = {"id": "idp", "algorithms": ["RS256"], "public_keys": ["rsa.pub"]}
 # Found by the property below; kept as fixed examples so they are tried on every run.
-FOUND = {
+FOUND: dict[str, dict[str, Any]] = {
     "upstream url not a URL": {"upstream": {"url": "http://[::1"}},
     "substituted upstream url": {"upstream": {"url": "${TPURL}"}},
     "jwks_url not a URL": {"apps": [{**RSA_APP, "jwks_url": "https://[x"}]},

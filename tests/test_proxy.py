@@ -27,7 +27,7 @@ from tests.conftest import (
 OTHER_B64 = base64.b64encode(OTHER_SECRET).decode()
 ISSUER = "https://issuer.example"
 
-STRICT = {
+STRICT: dict[str, Any] = {
     "token": {"max_length": 2048, "sources": ["header:Authorization", "query:access_token"]},
     "apps": [
         {
@@ -1215,7 +1215,7 @@ async def test_reload_empties_the_cache(proxy_for: ProxyFactory, tmp_path: Any) 
     token = proxy.token()
     assert (await proxy.get("/x", token=token)).status == 200
     rotated = {
-        "upstream": {"url": proxy.config.upstream.url},
+        "upstream": {"url": proxy.config.upstream.url},  # type: ignore[union-attr]
         "apps": [{"id": "app-1", "match": {}, "algorithms": ["HS256"], "secrets": [OTHER_B64]}],
     }
     config = load(str(write_config(tmp_path, rotated, "rotated.yaml")))

@@ -329,7 +329,7 @@ async def test_key_rotation_across_reload(
     _, before, _ = await token_request(proxy, {"grant_type": JWT_BEARER, "assertion": credential()})
     old_kid = jwt.get_unverified_header(before["access_token"])["kid"]
     data = {
-        "upstream": {"url": proxy.config.upstream.url},
+        "upstream": {"url": proxy.config.upstream.url},  # type: ignore[union-attr]
         **service_config(keys, ("rsa.key", "ec.key")),
     }
     config = load(str(write_config(tmp_path, data, "rotated.yaml")))
