@@ -19,31 +19,17 @@ from typing import TYPE_CHECKING, Final
 
 from .app import CLIENT_CLOSED, CLIENT_CLOSED_OUTCOME, SERVICE_OUTCOME
 from .decision import Decision
+from .errors import BAD_REQUEST_BODY as BAD_REQUEST
 from .errors import CONTRACT, Reason, Rejection
+from .errors import FIXED_BODIES as _FIXED
 from .headers import http_date, request_id
 
 if TYPE_CHECKING:
     from .exchange import Exchange
     from .listener import Connection
 
-# --- The proxy's own fixed answers: short, never echoing the request -------------------------
+# --- The proxy's own fixed answers are errors.FIXED_BODIES: short, never echoing the request
 
-BAD_REQUEST: Final = (
-    b'{"error":{"code":400,"name":"BadRequest","message":"The request could not be parsed."}}'
-)
-_TIMEOUT: Final = (
-    b'{"error":{"code":408,"name":"RequestTimeout",'
-    b'"message":"The request did not arrive in time."}}'
-)
-_UNSUPPORTED: Final = (
-    b'{"error":{"code":505,"name":"HTTPVersionNotSupported",'
-    b'"message":"The HTTP version is not supported."}}'
-)
-_TOO_LARGE: Final = (
-    b'{"error":{"code":431,"name":"RequestHeaderFieldsTooLarge",'
-    b'"message":"A request header is too large."}}'
-)
-_FIXED: Final = {400: BAD_REQUEST, 408: _TIMEOUT, 431: _TOO_LARGE, 505: _UNSUPPORTED}
 BAD_PATH: Final = 1  # a refusal: the contract's bad_path answer
 _MAX_LENGTH: Final = 1 << 63
 _MAX_FORM: Final = 64 * 1024  # the token service's form

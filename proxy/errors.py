@@ -1,13 +1,28 @@
-"""The error contract (SPEC §5) in one table, and the exceptions that carry it.
+"""The error contract (SPEC §5) in one table, the proxy's fixed answers, and every exception
+the proxy raises on purpose.
 
     raise Rejection(Reason.EXPIRED, app="TR21063826")
-    outcome = CONTRACT[Reason.EXPIRED]      # status 401, code 40, "TokenExpired", ...
+    entry = CONTRACT[Reason.EXPIRED]        # status 401, code 40, "TokenExpired", ...
 
 Status codes, SDK codes, names, messages and challenges live only here. A `Rejection` carries a
 reason word and never any token, secret or key material; `detail` is a human sentence for
 `inspect` and logs, built from config words only.
 
     ConfigError([Problem("apps[1].secrets[0]", "invalid base64")], file="proxy.yaml")
+
+The exception tree (every message is safe to print or log: no token, secret or key):
+
+    ProxyError
+    ├── Rejection ............ a request answered with the contract's error for `reason`
+    │   └── UpstreamError .... the upstream failed before its response head (502/504)
+    ├── OAuthError ........... the token service's RFC 6749 §5.2 error
+    ├── ConfigError .......... a configuration that cannot be used (its `problems`)
+    ├── KeyMaterialError ..... key material that cannot be used (also a ValueError)
+    ├── FetchError ........... a JWKS or discovery fetch gave no usable document
+    └── MintError ............ `mint`/`keygen` cannot make the token or key
+
+Each is raised where its name says (`forward`, `token_service`, `config`, `jwk`, `keys`,
+`mint`), which re-export it; a request handler needs only `except Rejection`.
 """
 
 from __future__ import annotations
@@ -51,7 +66,7 @@ class Reason(StrEnum):
 
 
 @dataclass(frozen=True, slots=True)
-class Outcome:
+class ContractEntry:
     """How one reason is answered: HTTP status, SDK code, name, message, challenge kind."""
 
     status: int
@@ -62,12 +77,12 @@ class Outcome:
     challenge: str | None
 
 
-_INVALID = Outcome(401, 38, "TokenInvalid", "The token is invalid.", "invalid_token")
-_FORBIDDEN = Outcome(
+_INVALID = ContractEntry(401, 38, "TokenInvalid", "The token is invalid.", "invalid_token")
+_FORBIDDEN = ContractEntry(
     403, 38, "TokenInvalid", "The token does not allow this request.", "insufficient_scope"
 )
 
-CONTRACT: Final[dict[Reason, Outcome]] = {
+CONTRACT: Final[dict[Reason, ContractEntry]] = {
     **{
         reason: _INVALID
         for reason in (
@@ -87,8 +102,10 @@ CONTRACT: Final[dict[Reason, Outcome]] = {
             Reason.CLAIM_MISMATCH,
         )
     },
-    Reason.MISSING: Outcome(401, 39, "TokenRequired", "A token is required.", ""),
-    Reason.EXPIRED: Outcome(401, 40, "TokenExpired", "The token has expired.", "invalid_token"),
+    Reason.MISSING: ContractEntry(401, 39, "TokenRequired", "A token is required.", ""),
+    Reason.EXPIRED: ContractEntry(
+        401, 40, "TokenExpired", "The token has expired.", "invalid_token"
+    ),
     **{
         reason: _FORBIDDEN
         for reason in (
@@ -99,29 +116,50 @@ CONTRACT: Final[dict[Reason, Outcome]] = {
             Reason.BINDING_MISMATCH,
         )
     },
-    Reason.MULTIPLE_TOKENS: Outcome(
+    Reason.MULTIPLE_TOKENS: ContractEntry(
         400, 38, "TokenInvalid", "The request carries more than one token.", "invalid_request"
     ),
-    Reason.BAD_PATH: Outcome(400, 400, "BadRequest", "The request path is not acceptable.", None),
-    Reason.METHOD_NOT_ALLOWED: Outcome(
+    Reason.BAD_PATH: ContractEntry(
+        400, 400, "BadRequest", "The request path is not acceptable.", None
+    ),
+    Reason.METHOD_NOT_ALLOWED: ContractEntry(
         405, 405, "MethodNotAllowed", "The method is not allowed for this path.", None
     ),
-    Reason.KEYS_UNAVAILABLE: Outcome(
+    Reason.KEYS_UNAVAILABLE: ContractEntry(
         503, 503, "KeysUnavailable", "The signing keys are not available yet.", None
     ),
-    Reason.UPSTREAM_UNAVAILABLE: Outcome(
+    Reason.UPSTREAM_UNAVAILABLE: ContractEntry(
         502, 502, "BadGateway", "The upstream service is unavailable.", None
     ),
-    Reason.UPSTREAM_TIMEOUT: Outcome(
+    Reason.UPSTREAM_TIMEOUT: ContractEntry(
         504, 504, "GatewayTimeout", "The upstream service timed out.", None
     ),
-    Reason.INTERNAL: Outcome(
+    Reason.INTERNAL: ContractEntry(
         500, 500, "InternalError", "The proxy failed to handle the request.", None
     ),
 }
 
 
-class Rejection(Exception):
+# The proxy's own answers to requests that never parsed (SPEC §6): fixed, never echoing input.
+BAD_REQUEST_BODY: Final = (
+    b'{"error":{"code":400,"name":"BadRequest","message":"The request could not be parsed."}}'
+)
+FIXED_BODIES: Final = {
+    400: BAD_REQUEST_BODY,
+    408: b'{"error":{"code":408,"name":"RequestTimeout",'
+    b'"message":"The request did not arrive in time."}}',
+    431: b'{"error":{"code":431,"name":"RequestHeaderFieldsTooLarge",'
+    b'"message":"A request header is too large."}}',
+    505: b'{"error":{"code":505,"name":"HTTPVersionNotSupported",'
+    b'"message":"The HTTP version is not supported."}}',
+}
+
+
+class ProxyError(Exception):
+    """The root of the tree above: an error the proxy raises on purpose, safe to print."""
+
+
+class Rejection(ProxyError):
     """The request is answered with the contract's error for `reason` instead of forwarded."""
 
     def __init__(
@@ -154,7 +192,7 @@ class Problem:
         return f"{file}: {self.path}: {self.message}" if self.path else f"{file}: {self.message}"
 
 
-class ConfigError(Exception):
+class ConfigError(ProxyError):
     """A configuration that cannot be used; `problems` lists every one found."""
 
     def __init__(self, problems: list[Problem], file: str) -> None:
@@ -164,3 +202,29 @@ class ConfigError(Exception):
 
     def lines(self) -> list[str]:
         return [problem.render(self.file) for problem in self.problems]
+
+
+class UpstreamError(Rejection):
+    """The upstream failed before its response headers; `reason` says how."""
+
+
+class OAuthError(ProxyError):
+    """An RFC 6749 §5.2 error: `error` code, a description safe to show, the status."""
+
+    def __init__(self, error: str, description: str, status: int = 400) -> None:
+        super().__init__(description)
+        self.error = error
+        self.description = description
+        self.status = status
+
+
+class KeyMaterialError(ProxyError, ValueError):
+    """Key material that cannot be used; the message never holds the material."""
+
+
+class FetchError(ProxyError):
+    """A JWKS fetch that gave no usable document; the message is safe to log."""
+
+
+class MintError(ProxyError):
+    """Why no token can be minted; safe to print."""

@@ -24,6 +24,7 @@ import httptools
 
 from .config import Upstream
 from .errors import Reason
+from .errors import UpstreamError as UpstreamError  # re-exported: raised here
 
 HIGH_WATER: Final = 256 * 1024  # buffered response bytes before the upstream is paused
 
@@ -37,15 +38,6 @@ class Sink(Protocol):
     def response_end(self, connection: UpstreamConnection) -> None: ...
     def response_failed(self, connection: UpstreamConnection, error: BaseException) -> None: ...
     def upstream_writable(self, writable: bool) -> None: ...
-
-
-class UpstreamError(Exception):
-    """The upstream failed before its response headers; `reason` says how."""
-
-    def __init__(self, reason: Reason, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
-        self.detail = detail
 
 
 class UpstreamConnection(asyncio.Protocol):

@@ -24,6 +24,8 @@ from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.exceptions import PyJWTError
 
+from .errors import KeyMaterialError as KeyMaterialError  # re-exported: raised here
+
 # Smallest HMAC key per algorithm: the hash size (RFC 7518 §3.2).
 HS_MIN_BYTES = {"HS256": 32, "HS384": 48, "HS512": 64}
 ASYMMETRIC = frozenset(
@@ -41,10 +43,6 @@ _JWK_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 PublicKey = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 )
-
-
-class KeyMaterialError(ValueError):
-    """Key material that cannot be used; the message never holds the material."""
 
 
 @dataclass(frozen=True, slots=True)

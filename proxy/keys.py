@@ -31,6 +31,7 @@ import aiohttp
 
 from . import jwk
 from .config import App, TokenSettings, jwks_url_problem
+from .errors import FetchError as FetchError  # re-exported: raised here
 from .metrics import JWKS_FETCHES, JWKS_KEYS, Metrics
 from .telemetry import Log
 
@@ -40,10 +41,6 @@ MAX_REDIRECTS = 3
 # Without a `kid`, at most this many fitting keys are tried (SPEC §4 step 6).
 MAX_KIDLESS = 4
 _MAX_AGE = re.compile(r"(?:^|[,\s])max-age\s*=\s*\"?(\d+)")
-
-
-class FetchError(Exception):
-    """A JWKS fetch that gave no usable document; the message is safe to log."""
 
 
 @dataclass(frozen=True, slots=True)

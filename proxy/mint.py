@@ -21,11 +21,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from . import jwk
 from .config import App, Config
+from .errors import MintError as MintError  # re-exported: raised here
 from .tokens import service_app
-
-
-class MintError(Exception):
-    """Why no token can be minted; safe to print."""
 
 
 def claim_value(text: str) -> Any:

@@ -32,6 +32,7 @@ import jwt
 from . import jwk
 from .config import Client, Config
 from .config import TokenService as ServiceConfig
+from .errors import OAuthError as OAuthError  # re-exported: raised here
 from .errors import Rejection
 from .metrics import ISSUED, Metrics
 from .model import Headers
@@ -50,16 +51,6 @@ class _State(Protocol):
     def config(self) -> Config: ...
     @property
     def verifier(self) -> Verifier: ...
-
-
-class OAuthError(Exception):
-    """An RFC 6749 §5.2 error: `error` code, a description safe to show, the status."""
-
-    def __init__(self, error: str, description: str, status: int = 400) -> None:
-        super().__init__(description)
-        self.error = error
-        self.description = description
-        self.status = status
 
 
 # status, headers, body: an answer the listener writes as it is
