@@ -5,14 +5,13 @@
     listener = Listener(proxy, config)                 # listener.py: the proxied requests
     proxy.swap(await resources.prepare(new_config))    # SIGHUP: atomic, in-flight untouched
 
-A `Rejection` is rendered through `errors.CONTRACT` once per config (`ErrorBodies`); the admin
-listener is aiohttp's.
+The framework-free part of a State (verifier, header plan, error bodies) is `state.py`'s;
+this adds the JWKS sources and upstream pools a process keeps. The admin listener is aiohttp's.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -21,15 +20,15 @@ from typing import Any, Final
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from .config import App, Config, Errors, Upstream
-from .errors import CONTRACT, Reason
+from .config import Config, Upstream
 from .forward import UpstreamPool
 from .headers import HeaderPlan
-from .keys import AppKeys, Fetcher, HttpFetcher, JwksSource
+from .keys import Fetcher, HttpFetcher, JwksSource
 from .metrics import Metrics
 from .model import Headers
+from .state import ErrorBodies, RemoteSpec, compile_core, remote_apps
 from .telemetry import Log
-from .tokens import Verifier, service_app
+from .tokens import Verifier
 
 # The token service's handler (method, path, headers, form body, too large): its answer's
 # status, headers and body, and its OAuth error word ("" on success).
@@ -42,35 +41,6 @@ SERVICE_OUTCOME: Final = "token_service"
 # outcome when it left before the decision was made.
 CLIENT_CLOSED: Final = 499
 CLIENT_CLOSED_OUTCOME: Final = "client_closed"
-
-
-class ErrorBodies:
-    """Every rejection's status, body and challenge, rendered once per config."""
-
-    def __init__(self, errors: Errors) -> None:
-        self._rendered: dict[Reason, tuple[int, bytes, str | None]] = {}
-        for reason, outcome in CONTRACT.items():
-            error: dict[str, Any] = {
-                "code": outcome.code,
-                "name": outcome.name,
-                "message": outcome.message,
-            }
-            if errors.expose_reason:
-                error["reason"] = reason.value
-            body = json.dumps({"error": error}, separators=(",", ":")).encode()
-            challenge = None
-            if outcome.challenge == "":
-                challenge = f'Bearer realm="{errors.realm}"'
-            elif outcome.challenge is not None:
-                challenge = (
-                    f'Bearer realm="{errors.realm}", error="{outcome.challenge}", '
-                    f'error_description="{outcome.message}"'
-                )
-            self._rendered[reason] = (outcome.status, body, challenge)
-
-    def rendered(self, reason: Reason) -> tuple[int, bytes, str | None]:
-        """Status, body and challenge (None: no challenge) of one reason."""
-        return self._rendered[reason]
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,17 +85,10 @@ class Resources:
 
     async def prepare(self, config: Config, fetch: bool = True) -> State:
         """Compile a config into a State; new JWKS / discovery URLs get one fetch first."""
-        # Apps share a source when they fetch the same thing the same way: URL, CA bundle and,
-        # for discovery, the issuers the document is checked against.
-        remote: dict[tuple[Any, ...], list[str]] = {}
-        for app in config.apps:
-            spec = _remote(app)
-            if spec is not None:
-                remote.setdefault(spec, []).append(app.id)
-        sources: dict[tuple[Any, ...], JwksSource] = {}
+        sources: dict[RemoteSpec, JwksSource] = {}
         by_app: dict[str, JwksSource] = {}
         fresh: list[JwksSource] = []
-        for spec, app_ids in remote.items():
+        for spec, app_ids in remote_apps(config).items():  # one source per shared spec
             discovery, url, ca_file, issuers = spec
             apps = tuple(app_ids)
             key = (*spec, apps, config.token)
@@ -150,23 +113,19 @@ class Resources:
             by_app.update(dict.fromkeys(apps, source))
         if fetch and fresh:
             await asyncio.gather(*(source.fetch() for source in fresh))
-        keys = {app.id: AppKeys(app, by_app.get(app.id)) for app in config.apps}
-        implicit = service_app(config)
-        if implicit is not None:
-            keys[implicit.id] = AppKeys(implicit)
-        verifier = Verifier(config, keys, metrics=self.metrics, service_app=implicit)
+        core = compile_core(config, by_app, self.metrics)
         named: dict[str | None, Upstream] = {}
         if config.mode != "authorize" and config.upstream is not None:  # authorize: no pools
             named[None] = config.upstream
             named.update(config.upstreams)
         upstreams = {name: (up, self._pool(up)) for name, up in named.items()}
         return State(
-            config,
-            verifier,
-            HeaderPlan(config.forward),
-            ErrorBodies(config.errors),
-            upstreams,
-            tuple(sources.values()),
+            config=config,
+            verifier=core.verifier,
+            plan=core.plan,
+            errors=core.errors,
+            upstreams=upstreams,
+            sources=tuple(sources.values()),
         )
 
     def _pool(self, upstream: Upstream) -> UpstreamPool:
@@ -226,15 +185,6 @@ class Proxy:
         """Serve `state` from the next request on (requests in flight keep theirs)."""
         self.state = state
         self.resources.activate(state)
-
-
-def _remote(app: App) -> tuple[bool, str, str | None, tuple[str, ...] | None] | None:
-    """What an app fetches its keys from: (discovery?, URL, ca_file, issuers), or None."""
-    if app.discovery_url:
-        return True, app.discovery_url, app.ca_file, app.issuer
-    if app.jwks_url:
-        return False, app.jwks_url, app.ca_file, None
-    return None
 
 
 # --- Admin listener ---------------------------------------------------------------------------

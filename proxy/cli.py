@@ -208,7 +208,7 @@ async def inspect_token(
 ) -> dict[str, Any]:
     """Run the proxy's own decision on one token and collect each step."""
     from .app import Resources
-    from .decision import explain
+    from .explain import explain
 
     resources = Resources(Metrics(), Log(io.StringIO()))
     steps: list[tuple[str, bool, str]] = []

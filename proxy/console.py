@@ -26,8 +26,9 @@ from yarl import URL
 
 from .app import State
 from .config import App, Config, is_loopback
-from .decision import Decision, explain, place_token
+from .decision import Decision
 from .errors import CONTRACT
+from .explain import explain, place_token
 from .mint import MintError, mint
 from .telemetry import Recent
 

@@ -17,9 +17,11 @@ from multidict import CIMultiDict
 
 from proxy.config import Config, load
 from proxy.decision import Decision, decide, match_route
-from proxy.errors import Rejection
+from proxy.errors import Reason, Rejection
+from proxy.explain import explain
 from proxy.keys import AppKeys
 from proxy.model import RequestView
+from proxy.state import compile_core
 from proxy.tokens import Verifier
 from tests.conftest import OTHER_SECRET, SECRET, SECRET_B64, KeyFiles, mint
 
@@ -403,3 +405,30 @@ async def test_a_route_takes_its_token_from_its_own_sources() -> None:
     assert isinstance(query_elsewhere, Rejection) and query_elsewhere.reason.value == "missing"
     both = await run(config, view("GET", f"/ws/x?access_token={token}", Cookie=f"jwt={token}"))
     assert isinstance(both, Rejection) and both.reason.value == "multiple_tokens"
+
+
+# --- `inspect`'s machinery on the framework-free state: no listener, no pool, no network ------
+
+
+async def test_explain_runs_on_the_offline_core() -> None:
+    config = build({"routes": SPEC_EXAMPLE["routes"]})
+    core = compile_core(config, {})  # no JWKS source: the apps' own secrets
+    now = time.time()
+    good = await explain(config, core.verifier, user_42(), "post", "/v1/users/42/threads/1", now)
+    assert good.summary()["forwarded"] is True
+    assert good.summary()["app"] == "TR21063826"
+    bad = await explain(config, core.verifier, user_42(), "GET", "/v1/users/43/threads/1", now)
+    summary = bad.summary()
+    assert (summary["status"], summary["name"], summary["reason"]) == (
+        403,
+        "TokenInvalid",
+        "binding_mismatch",
+    )
+    assert summary["steps"][-1] == {
+        "step": "bind userId",
+        "ok": False,
+        "detail": "differs from path.userId",
+    }
+    status, body, challenge = core.errors.rendered(Reason.BINDING_MISMATCH)
+    assert status == 403 and b'"name":"TokenInvalid"' in body
+    assert challenge is not None and 'error="insufficient_scope"' in challenge

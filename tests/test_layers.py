@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 LAYERS = {
@@ -11,7 +13,7 @@ LAYERS = {
     "config": 2,
     "keys": 3,
     "tokens": 4,
-    "decision": 5, "headers": 5, "mint": 5, "authorize": 5,
+    "decision": 5, "headers": 5, "mint": 5, "authorize": 5, "state": 5, "explain": 5,
     "forward": 6, "token_service": 6,
     "app": 7,
     "answers": 8, "exchange": 8, "listener": 8, "websocket": 8, "console": 8,
@@ -52,3 +54,18 @@ def test_imports_point_down() -> None:
             if layer <= CORE and name.startswith("aiohttp.web"):
                 wrong.append(f"{path.name}:{line} imports {name} into the core")
     assert wrong == []
+
+
+def test_inspect_runs_without_a_server_or_an_upstream_pool() -> None:
+    """`inspect`'s machinery and the offline state assembly load neither aiohttp's server
+    nor the upstream pool, even indirectly (a fresh interpreter sees every module loaded)."""
+    code = (
+        "import sys, proxy.explain, proxy.state\n"
+        "print(' '.join(sorted(m for m in sys.modules if m.startswith(('aiohttp', 'proxy.')))))"
+    )
+    loaded = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    ).stdout.split()
+    assert "proxy.explain" in loaded and "proxy.state" in loaded
+    unwanted = {"aiohttp.web", "proxy.forward", "proxy.app", "proxy.listener"}
+    assert unwanted.isdisjoint(loaded)
