@@ -131,8 +131,15 @@ class Pending:
         route, target = self.route, self.target
         try:
             verified = await self.refetch.verify()
-            return _authorized(self.view, target, route, self.params, self.found, verified,
-                               self.trace)  # fmt: skip
+            return _authorized(
+                view=self.view,
+                target=target,
+                route=route,
+                params=self.params,
+                found=self.found,
+                verified=verified,
+                trace=self.trace,
+            )
         except Rejection as rejection:
             rejection.path = target.path
             rejection.route = route.pattern.pattern if route is not None else ""

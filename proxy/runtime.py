@@ -118,6 +118,16 @@ def listen_problem(label: str, key: str, listen: Listen, error: OSError) -> str:
     return f"{label}: {key}: cannot listen on {listen} ({error.strerror or error})"
 
 
+@dataclass(slots=True)
+class _Serving:
+    """What `Runtime._start` opened and `_drain` closes."""
+
+    config: Config  # the one it started with
+    resources: Resources
+    listener: Listener
+    admin_runner: web.AppRunner | None = None
+
+
 class Runtime:
     """One serving process: the main listener, the admin listener, signals."""
 
@@ -172,57 +182,82 @@ class Runtime:
         return self.proxy.state.ready(self.proxy.clock())
 
     async def run(self) -> int:
+        """Start, serve until SIGTERM/SIGINT, drain: the process's exit code."""
         try:
             config = self.source()
         except ConfigError as error:
             for line in error.lines():
                 print(line, file=sys.stderr)
             return 2
+        serving = await self._start(config)
+        if serving is None:
+            return 2
+        status = self._serve(config)
+        await self.stopped.wait()
+        await self._drain(serving, status)
+        return 0
+
+    async def _start(self, config: Config) -> _Serving | None:
+        """The state, the main listener and the admin listener; None (printed why) when a
+        port cannot be had."""
         self.log.set_level(config.log_level)
         logging.getLogger().addHandler(_LogBridge(self.log))
         resources = Resources(self.metrics, self.log)
         state = await resources.prepare(config)
-        scheme = "https" if config.tls else "http"
         if config.tls:
             self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
             self.tls.load_cert_chain(config.tls.cert_file, config.tls.key_file)
-        self.proxy = Proxy(state, resources, scheme=scheme)
-        proxy = self.proxy
-        self.proxy.service = TokenService(lambda: proxy.state, self.metrics, proxy.clock).handle
-        listener = Listener(self.proxy, config)
+        proxy = self.proxy = Proxy(state, resources, scheme="https" if config.tls else "http")
+        proxy.service = TokenService(lambda: proxy.state, self.metrics, proxy.clock).handle
+        listener = Listener(proxy, config)
         try:
             sock = make_socket(config.listen, self.reuse_port)
         except OSError as error:
             print(listen_problem(self.label, "listen", config.listen, error), file=sys.stderr)
             await resources.close()
-            return 2
+            return None
         await listener.serve(sock, self.tls)
-        admin_runner = None
+        serving = _Serving(config=config, resources=resources, listener=listener)
         if self.serve_admin and config.admin_listen is not None:
-            admin = admin_app(
-                self.readiness,
-                self.metrics.render,
-                lambda: proxy.state.config.server_header,
-            )
-            # The console's listener is fixed at start: a reload may turn the console off, or on
-            # again, but never on behind a non-loopback admin listener.
-            self._console_listen_ok = is_loopback(config.admin_listen.host)
-            Console(lambda: proxy.state, lambda: self.log.recent, proxy.clock,
-                    self.console_enabled).install(admin)  # fmt: skip
-            self._sync_console()
-            admin_runner = web.AppRunner(admin, access_log=None)
-            await admin_runner.setup()
             try:
-                await web.TCPSite(
-                    admin_runner, config.admin_listen.host, config.admin_listen.port
-                ).start()
+                serving.admin_runner = await self._start_admin(config.admin_listen, proxy)
             except OSError as error:  # like a busy main port: one line, exit 2
-                print(listen_problem(self.label, "admin_listen", config.admin_listen, error),
-                      file=sys.stderr)  # fmt: skip
-                await admin_runner.cleanup()
+                problem = listen_problem(self.label, "admin_listen", config.admin_listen, error)
+                print(problem, file=sys.stderr)
                 await listener.drain(0)
                 await resources.close()
-                return 2
+                return None
+        return serving
+
+    async def _start_admin(self, listen: Listen, proxy: Proxy) -> web.AppRunner:
+        """/healthz, /readyz, /metrics and the dev console; OSError when the port is taken."""
+        admin = admin_app(
+            self.readiness,
+            self.metrics.render,
+            lambda: proxy.state.config.server_header,
+        )
+        # The console's listener is fixed at start: a reload may turn the console off, or on
+        # again, but never on behind a non-loopback admin listener.
+        self._console_listen_ok = is_loopback(listen.host)
+        console = Console(
+            state=lambda: proxy.state,
+            recent=lambda: self.log.recent,
+            clock=proxy.clock,
+            enabled=self.console_enabled,
+        )
+        console.install(admin)
+        self._sync_console()
+        runner = web.AppRunner(admin, access_log=None)
+        await runner.setup()
+        try:
+            await web.TCPSite(runner, host=listen.host, port=listen.port).start()
+        except OSError:
+            await runner.cleanup()
+            raise
+        return runner
+
+    def _serve(self, config: Config) -> asyncio.Future[None] | None:
+        """Signals on, the start line logged, ready: the worker's status task, if any."""
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGHUP, lambda: asyncio.ensure_future(self.reload()))
         for signum in (signal.SIGTERM, signal.SIGINT):
@@ -249,22 +284,26 @@ class Runtime:
         gc.set_threshold(20_000, 50, 100)
         if self.on_ready:
             self.on_ready()
-        status = asyncio.ensure_future(self._report_status()) if self.status_file else None
-        await self.stopped.wait()
+        return asyncio.ensure_future(self._report_status()) if self.status_file else None
+
+    async def _drain(self, serving: _Serving, status: asyncio.Future[None] | None) -> None:
+        """Not ready, in-flight requests finish (up to shutdown_timeout), everything closes."""
+        assert self.proxy is not None  # noqa: S101 - set by _start
         self.draining = True
-        self.log.event("info", "shutdown", phase="draining", timeout=config.shutdown_timeout)
+        # (the line says the start config's timeout; the drain waits the current one's)
+        self.log.event(
+            "info", "shutdown", phase="draining", timeout=serving.config.shutdown_timeout
+        )
         if status is not None:
             status.cancel()
             self._write_status()
-        timeout = self.proxy.state.config.shutdown_timeout
-        await listener.drain(timeout)
-        if admin_runner is not None:
-            await admin_runner.cleanup()
-        await resources.close()
-        ignore_late_signals(loop)
+        await serving.listener.drain(self.proxy.state.config.shutdown_timeout)
+        if serving.admin_runner is not None:
+            await serving.admin_runner.cleanup()
+        await serving.resources.close()
+        ignore_late_signals(asyncio.get_running_loop())
         self.log.event("info", "shutdown", phase="done")
         self.log.flush()  # access lines still buffered (the event above may be below the level)
-        return 0
 
     async def _report_status(self) -> None:
         """A worker's readiness for its supervisor, rewritten when it changes."""

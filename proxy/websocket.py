@@ -186,9 +186,12 @@ class Tunnel:
                     )
                 else:
                     _, side = await loop.create_connection(
-                        lambda: _UpstreamSide(self), up.host, up.port, ssl=self.tls,
+                        lambda: _UpstreamSide(self),
+                        host=up.host,
+                        port=up.port,
+                        ssl=self.tls,
                         server_hostname=up.host if self.tls else None,
-                    )  # fmt: skip
+                    )
         except TimeoutError:
             exchange.upstream_failed(Reason.UPSTREAM_TIMEOUT, "WebSocket connect timed out")
             return
