@@ -18,11 +18,10 @@ from email.utils import formatdate
 from typing import Final
 from urllib.parse import unquote_plus
 
+from . import model
 from .config import Forward, Source
 
-HOP_BY_HOP: Final = frozenset(
-    {b"connection", b"keep-alive", b"te", b"trailer", b"transfer-encoding", b"upgrade"}
-)
+HOP_BY_HOP: Final = frozenset(name.encode() for name in model.HOP_BY_HOP)
 # Removed from every request: IIS- and Symfony-style servers route by them, so they would name
 # a path the decision never saw (SPEC §6).
 REWRITE_URL: Final = frozenset({b"x-original-url", b"x-rewrite-url"})
@@ -104,16 +103,7 @@ class HeaderPlan:
         self.claims_header = (forward.claims_header or "").encode()
         self.request_id_name = forward.request_id_header.encode()
         managed = frozenset(
-            {
-                b"host",
-                b"expect",
-                b"content-length",
-                b"x-forwarded-for",
-                b"x-forwarded-proto",
-                b"x-forwarded-host",
-                b"x-real-ip",
-                forward.request_id_header.lower().encode(),
-            }
+            {*(name.encode() for name in model.PROXY_SET), self.request_id_name.lower()}
         )
         # Every incoming header the proxy drops outright (proxy-* are checked by prefix).
         self.skip = managed | HOP_BY_HOP | self.identity | REWRITE_URL

@@ -15,6 +15,26 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 Headers = CIMultiDict[str] | CIMultiDictProxy[str]
 
+# The headers the proxy manages, in lower case: `headers.HeaderPlan` drops them from what goes
+# upstream, and the config refuses them as identity header names.
+HOP_BY_HOP: Final = frozenset(
+    {"connection", "keep-alive", "te", "trailer", "transfer-encoding", "upgrade"}
+)
+# Set (or answered) by the proxy itself on every forwarded request, beside the request-id header.
+PROXY_SET: Final = frozenset(
+    {
+        "host",
+        "expect",
+        "content-length",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-forwarded-host",
+        "x-real-ip",
+    }
+)
+# ...and the request's own content and credentials: never a claim's header.
+MANAGED_HEADERS: Final = HOP_BY_HOP | PROXY_SET | {"content-type", "cookie", "authorization"}
+
 
 class RequestView:
     """Method, raw request target (path and query, as received), headers, TCP peer, scheme,

@@ -11,6 +11,7 @@ import yaml
 
 from proxy.config import load
 from proxy.errors import ConfigError
+from proxy.model import MANAGED_HEADERS
 from tests.conftest import SECRET_B64, KeyFiles
 
 HS_APP = {"id": "a", "match": {}, "algorithms": ["HS256"], "secrets": [SECRET_B64]}
@@ -744,3 +745,14 @@ def test_jwks_file_problems_once_per_key_with_the_library_reason(
         "app's algorithms (RS256)",
     ]
     assert short["x"] not in "\n".join(found)
+
+
+@pytest.mark.parametrize("name", sorted(MANAGED_HEADERS))
+def test_no_identity_header_takes_a_header_the_proxy_manages(tmp_path: Path, name: str) -> None:
+    """The one list the header plan drops by is the one `check` refuses identity names by."""
+    spelled = "-".join(part.capitalize() for part in name.split("-"))
+    data = {**BASE, "forward": {"identity_headers": {spelled: "sub"}}}
+    assert problems(tmp_path, data) == [
+        f"{tmp_path / 'proxy.yaml'}: forward.identity_headers.{spelled}: "
+        f'"{spelled}" is a header the proxy manages'
+    ]
