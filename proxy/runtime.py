@@ -78,9 +78,16 @@ def write_status(path: str, waiting_for: list[str]) -> None:
 
 def ignore_late_signals(loop: asyncio.AbstractEventLoop) -> None:
     """Drained: a signal arriving now must not turn the exit 0 into a kill."""
-    for signum in (signal.SIGHUP, signal.SIGTERM, signal.SIGINT):
-        loop.remove_signal_handler(signum)
-        signal.signal(signum, signal.SIG_IGN)
+    signums = {signal.SIGHUP, signal.SIGTERM, signal.SIGINT}
+    # Blocked meanwhile: remove_signal_handler restores the default action (a kill) for an
+    # instant before SIG_IGN replaces it; a signal held here is discarded when unblocked.
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, signums)
+    try:
+        for signum in signums:
+            loop.remove_signal_handler(signum)
+            signal.signal(signum, signal.SIG_IGN)
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
 
 
 class _LogBridge(logging.Handler):
