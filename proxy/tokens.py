@@ -96,9 +96,6 @@ def extract_token(view: RequestView, sources: tuple[Source, ...]) -> Found | Non
     return found
 
 
-# Read here, removed by headers.remove_query_param / remove_cookie (request-path code, kept
-# apart for now): the two must match the same names. They do not yet for a query name holding
-# `+` or `%` (`query:a+b`): read by its raw spelling, the parameter is not removed.
 def query_values(target: str, name: str) -> list[str]:
     """Every value of query parameter `name`, percent-decoded (`+` is a space)."""
     query = target.partition("?")[2]
