@@ -19,7 +19,6 @@ from typing import TYPE_CHECKING, Final
 
 from .app import CLIENT_CLOSED, CLIENT_CLOSED_OUTCOME, SERVICE_OUTCOME
 from .decision import Decision
-from .errors import BAD_REQUEST_BODY as BAD_REQUEST
 from .errors import CONTRACT, Reason, Rejection
 from .errors import FIXED_BODIES as _FIXED
 from .headers import http_date, request_id

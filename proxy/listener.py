@@ -20,9 +20,10 @@ from typing import Any
 import httptools
 from multidict import CIMultiDict
 
-from .answers import BAD_PATH, BAD_REQUEST, HOLD_BODY, HOLD_QUEUE, HOLD_TUNNEL, Reply, bad_length
+from .answers import BAD_PATH, HOLD_BODY, HOLD_QUEUE, HOLD_TUNNEL, Reply, bad_length
 from .app import Proxy
 from .config import Config
+from .errors import BAD_REQUEST_BODY
 from .exchange import Exchange
 from .websocket import Tunnel, is_websocket
 
@@ -261,7 +262,7 @@ class Connection(asyncio.Protocol):
         if exchange.status is None:
             exchange.outcome, exchange.reason = "bad_request", ""
             rid_name = self.proxy.state.config.forward.request_id_header
-            exchange.own(400, [(rid_name, exchange.rid)], BAD_REQUEST)
+            exchange.own(400, [(rid_name, exchange.rid)], BAD_REQUEST_BODY)
         else:
             exchange.broken = "the request body was malformed"
             self.abort()
