@@ -1,8 +1,11 @@
-"""Key material: JWS algorithms, PEM and JWK parsing into ready key objects, thumbprints.
+"""Key material: JWS algorithms, PEM and JWK parsing into ready key objects, thumbprints,
+and the URLs remote keys may be fetched from.
 
-    key = load_pem_public(pem_bytes, source="public_keys[0]")   # raises KeyMaterialError
-    keys, skipped = parse_jwks(document, source="jwks_url")      # (VerifyKey, ...), [reasons]
-    key.fits("RS256")                                           # RSA key, RS/PS algorithms
+    key = load_pem_public(pem_bytes, source="public_keys[0]")  # raises KeyMaterialError
+    keys, skipped = parse_jwks(document, source="jwks_url")    # [(index, VerifyKey)], [reasons]
+    key.fits("RS256")                                          # RSA key, RS/PS algorithms
+    private = load_pem_private(pem_bytes)                      # RSA, EC or Ed25519
+    jwks_url_problem("http://idp.example/jwks")                # "jwks_url must be https (...)"
 
 Parsing happens once per load or fetch; the request path only sees `VerifyKey` objects. All
 JOSE crypto and JWK decoding is PyJWT's and cryptography's. Error messages name what is wrong,
@@ -14,13 +17,16 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import ipaddress
 import json
+import re
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_public_key
+from cryptography.hazmat.primitives.serialization import load_pem_private_key, load_pem_public_key
 from jwt.algorithms import Algorithm, get_default_algorithms
 from jwt.exceptions import PyJWTError
 
@@ -43,6 +49,7 @@ _JWK_CURVES = {"secp256r1": "P-256", "secp384r1": "P-384", "secp521r1": "P-521"}
 PublicKey = (
     rsa.RSAPublicKey | ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | ed448.Ed448PublicKey
 )
+PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,6 +111,28 @@ def load_pem_public(data: bytes, source: str) -> VerifyKey:
     except Exception:  # cryptography raises UnsupportedAlgorithm for exotic keys
         raise KeyMaterialError("is not a PEM public key or certificate") from None
     return VerifyKey(check_public(key), None, None, source)
+
+
+def load_pem_private(data: bytes) -> PrivateKey:
+    """An unencrypted PEM private key: RSA, EC or Ed25519."""
+    try:
+        key = load_pem_private_key(data, password=None)
+    except (ValueError, TypeError):
+        raise KeyMaterialError("is not an unencrypted PEM private key") from None
+    except Exception:  # cryptography raises UnsupportedAlgorithm for exotic keys
+        raise KeyMaterialError("is not an unencrypted PEM private key") from None
+    if not isinstance(key, PrivateKey):
+        raise KeyMaterialError("is not an RSA, EC or Ed25519 private key")
+    return key
+
+
+def signing_alg(key: PrivateKey) -> str | None:
+    """The algorithm a token service signs with this key: ES256 (P-256), RS256 (RSA >= 2048)."""
+    if isinstance(key, ec.EllipticCurvePrivateKey) and key.curve.name == "secp256r1":
+        return "ES256"
+    if isinstance(key, rsa.RSAPrivateKey) and key.key_size >= MIN_RSA_BITS:
+        return "RS256"
+    return None
 
 
 _FAMILIES = {"RSA": "RS256", "EC": "ES256", "OKP": "EdDSA"}
@@ -171,15 +200,16 @@ def describe(key: Any) -> str:
     return "a key"
 
 
-def parse_jwks(document: Any, source: str) -> tuple[list[VerifyKey], list[str]]:
-    """The usable keys of a JWKS document, and one line per key skipped (index and why)."""
+def parse_jwks(document: Any, source: str) -> tuple[list[tuple[int, VerifyKey]], list[str]]:
+    """The usable keys of a JWKS document with their index in `keys`, and one line per key
+    skipped (index and why)."""
     if not isinstance(document, dict) or not isinstance(document.get("keys"), list):
         raise KeyMaterialError("is not a JWKS document (an object with a keys list)")
-    keys: list[VerifyKey] = []
+    keys: list[tuple[int, VerifyKey]] = []
     skipped: list[str] = []
     for index, jwk in enumerate(document["keys"]):
         try:
-            keys.append(from_jwk(jwk, source))
+            keys.append((index, from_jwk(jwk, source)))
         except KeyMaterialError as error:
             skipped.append(f"keys[{index}] {error}")
     return keys, skipped
@@ -204,3 +234,33 @@ def thumbprint(key: PublicKey) -> str:
     canonical = json.dumps(members, sort_keys=True, separators=(",", ":")).encode()
     digest = hashlib.sha256(canonical).digest()
     return base64.urlsafe_b64encode(digest).rstrip(b"=").decode()
+
+
+# --- Where remote keys may come from ----------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def jwks_url_problem(url: str, what: str = "jwks_url") -> str | None:
+    """Why `url` may not be fetched (https only, http for loopback), or None."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # not a URL at all ("https://[x")
+        parts = urlsplit("")
+    if parts.scheme == "https" and parts.hostname:
+        return None
+    if parts.scheme == "http" and parts.hostname and is_loopback(parts.hostname):
+        return None
+    return f"{what} must be https (http only for 127.0.0.0/8, ::1, localhost)"
+
+
+def without_userinfo(url: str) -> str:
+    """A URL as a message may show it: `user:password@` removed."""
+    return re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/?#]*@", r"\1", url)

@@ -327,7 +327,7 @@ class JwksSource:
             raise FetchError("not a JWKS document") from None
         if not keys:
             raise FetchError("no usable key")
-        return tuple(keys)
+        return tuple(key for _, key in keys)
 
     def _failed(self, why: str, url: str) -> bool:
         now = self.clock()

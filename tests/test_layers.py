@@ -24,11 +24,23 @@ CORE = 5  # layers up to here are framework-free: `inspect` runs them without a 
 PACKAGE = Path(__file__).resolve().parent.parent / "proxy"
 
 
+def sources() -> list[tuple[str, Path]]:
+    """(module, file): a top-level file is its own module; a package's files are the package's."""
+    found = [(path.stem, path) for path in PACKAGE.glob("*.py")]
+    for init in PACKAGE.glob("*/__init__.py"):
+        found += [(init.parent.name, path) for path in init.parent.glob("*.py")]
+    return found
+
+
 def imports(path: Path) -> set[tuple[str, int]]:
-    """(module, line) of every import: proxy modules by name, others by top package."""
+    """(module, line) of every import: proxy modules by name, others by top package. Inside a
+    package (`proxy/config/`), `..x` is proxy's module x and `.x` the package itself."""
+    depth = len(path.relative_to(PACKAGE).parts)
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.level == 1:
+        if isinstance(node, ast.ImportFrom) and 0 < node.level < depth:
+            found.add((path.parent.name, node.lineno))
+        elif isinstance(node, ast.ImportFrom) and node.level == depth:
             if node.module:
                 found.add((node.module.split(".")[0], node.lineno))
             else:
@@ -41,18 +53,19 @@ def imports(path: Path) -> set[tuple[str, int]]:
 
 
 def test_every_module_has_a_layer() -> None:
-    assert {path.stem for path in PACKAGE.glob("*.py")} == set(LAYERS)
+    assert {name for name, _ in sources()} == set(LAYERS)
 
 
 def test_imports_point_down() -> None:
     wrong = []
-    for path in PACKAGE.glob("*.py"):
-        layer = LAYERS[path.stem]
+    for module, path in sources():
+        layer = LAYERS[module]
+        shown = path.relative_to(PACKAGE)
         for name, line in imports(path):
             if name in LAYERS and LAYERS[name] > layer:
-                wrong.append(f"{path.name}:{line} imports {name} from a higher layer")
+                wrong.append(f"{shown}:{line} imports {name} from a higher layer")
             if layer <= CORE and name.startswith("aiohttp.web"):
-                wrong.append(f"{path.name}:{line} imports {name} into the core")
+                wrong.append(f"{shown}:{line} imports {name} into the core")
     assert wrong == []
 
 
