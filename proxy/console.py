@@ -25,10 +25,11 @@ from aiohttp import web
 from yarl import URL
 
 from .app import State
-from .config import App, Config, is_loopback
+from .config import App, Config
 from .decision import Decision
 from .errors import CONTRACT
 from .explain import explain, place_token
+from .jwk import is_loopback
 from .mint import MintError, mint
 from .telemetry import Recent
 

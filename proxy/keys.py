@@ -30,7 +30,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from . import jwk
-from .config import App, TokenSettings, jwks_url_problem
+from .config import App, TokenSettings
 from .errors import FetchError as FetchError  # re-exported: raised here
 from .metrics import JWKS_FETCHES, JWKS_KEYS, Metrics
 from .telemetry import Log
@@ -118,7 +118,7 @@ class HttpFetcher:
                     url = urljoin(url, location)
                     # https only (SPEC §7): the loopback http allowance is for the URL the
                     # operator wrote, never for a Location a server chose.
-                    if not location or urlsplit(url).scheme != "https" or jwks_url_problem(url):
+                    if not location or urlsplit(url).scheme != "https" or jwk.jwks_url_problem(url):
                         raise FetchError("redirected to a URL that is not https")
                     continue
                 if response.status != 200:
@@ -308,7 +308,7 @@ class JwksSource:
             raise FetchError(f"discovery issuer {issuer[:200]!r} is not one of the app's issuers")
         if not isinstance(jwks_uri, str) or not jwks_uri:
             raise FetchError("discovery document has no jwks_uri")
-        problem = jwks_url_problem(jwks_uri, what="jwks_uri")
+        problem = jwk.jwks_url_problem(jwks_uri, what="jwks_uri")
         if problem:
             raise FetchError(problem)
         return Discovered(jwks_uri, issuer)

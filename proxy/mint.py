@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 
 from . import jwk
-from .config import App, Config
+from .config import TOKEN_SERVICE_APP, App, Config
 from .errors import MintError as MintError  # re-exported: raised here
 from .tokens import service_app
 
@@ -80,18 +80,13 @@ def mint(
 def _private_key(config: Config, app: App, pem: bytes | None) -> Any:
     if pem is None:
         service = config.token_service
-        if service is not None and app.match_value == service.issuer and app.match_claim == "iss":
+        if service is not None and app.id == TOKEN_SERVICE_APP:
             return service.signing_keys[0].key
         raise MintError(f"app {app.id} signs with a private key: give it with --key")
     try:
-        key = serialization.load_pem_private_key(pem, password=None)
-    except (ValueError, TypeError):
-        raise MintError("--key is not an unencrypted PEM private key") from None
-    if not isinstance(
-        key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
-    ):
-        raise MintError("--key is not an RSA, EC or Ed25519 private key")
-    return key
+        return jwk.load_pem_private(pem)
+    except jwk.KeyMaterialError as error:
+        raise MintError(f"--key {error}") from None
 
 
 def keygen(alg: str, kid: str | None = None) -> tuple[str, dict[str, str] | None]:
