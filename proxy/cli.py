@@ -106,8 +106,7 @@ def _load(path: str | None) -> Config | None:
     try:
         return load(path or default_path())
     except ConfigError as error:
-        for line in error.lines():
-            print(line, file=sys.stderr)
+        error.report()
         return None
 
 

@@ -27,6 +27,7 @@ Each is raised where its name says (`forward`, `token_service`, `config`, `jwk`,
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final
@@ -202,6 +203,12 @@ class ConfigError(ProxyError):
 
     def lines(self) -> list[str]:
         return [problem.render(self.file) for problem in self.problems]
+
+    def report(self) -> int:
+        """Print every problem on stderr; the exit status for a config that cannot be used."""
+        for line in self.lines():
+            print(line, file=sys.stderr)
+        return 2
 
 
 class UpstreamError(Rejection):

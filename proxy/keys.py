@@ -30,7 +30,7 @@ from urllib.parse import urljoin, urlsplit
 import aiohttp
 
 from . import jwk
-from .config import App, TokenSettings
+from .config import App, TokenSettings, client_context
 from .errors import FetchError as FetchError  # re-exported: raised here
 from .metrics import JWKS_FETCHES, JWKS_KEYS, Metrics
 from .telemetry import Log
@@ -98,8 +98,7 @@ class HttpFetcher:
             key = (ca_file, stat.st_mtime_ns, stat.st_size)
             context = self._contexts.get(key)
             if context is None:
-                context = ssl.create_default_context()
-                context.load_verify_locations(ca_file)
+                context = client_context(ca_file)
                 stale = [known for known in self._contexts if known[0] == ca_file]
                 for known in stale:
                     del self._contexts[known]

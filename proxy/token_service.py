@@ -36,7 +36,7 @@ from .errors import OAuthError as OAuthError  # re-exported: raised here
 from .errors import Rejection
 from .metrics import ISSUED, Metrics
 from .model import Headers
-from .tokens import Verified, Verifier
+from .tokens import Verified, Verifier, audiences
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a URN
@@ -204,10 +204,8 @@ class TokenService:
             assertion, state, service.jwt_bearer_apps, now, "invalid_grant"
         )
         claims = credential.claims
-        aud = claims.get("aud")
-        audiences = [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
         endpoint = service.issuer + "/oauth/token"
-        if not {service.issuer, service.issuer + "/", endpoint} & set(audiences):
+        if not {service.issuer, service.issuer + "/", endpoint} & set(audiences(claims)):
             raise OAuthError("invalid_grant", "the credential's aud must name this issuer")
         allowed = claims.get("allowed_clients")
         if isinstance(allowed, list):

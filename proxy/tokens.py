@@ -273,6 +273,12 @@ def header_text(value: Any) -> str:
     return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
+def audiences(claims: dict[str, Any]) -> list[str]:
+    """A token's `aud` as a list: one string, a list of them, or none (RFC 7519 §4.1.3)."""
+    aud = claims.get("aud")
+    return [aud] if isinstance(aud, str) else aud if isinstance(aud, list) else []
+
+
 def _audience_ok(aud: Any) -> bool:
     return isinstance(aud, str) or (isinstance(aud, list) and all(isinstance(a, str) for a in aud))
 
@@ -521,11 +527,8 @@ class Verifier:
         issuers = keys.issuers() if keys is not None else app.issuer
         if issuers is not None and claims.get("iss") not in issuers:
             raise fail(Reason.ISSUER, "iss is not an allowed issuer")
-        if app.audience is not None:
-            aud = claims.get("aud")
-            auds = [aud] if isinstance(aud, str) else aud or []
-            if not set(auds) & set(app.audience):
-                raise fail(Reason.AUDIENCE, "aud names none of the allowed audiences")
+        if app.audience is not None and not set(audiences(claims)) & set(app.audience):
+            raise fail(Reason.AUDIENCE, "aud names none of the allowed audiences")
         for name in app.required_claims:
             if name not in claims:
                 raise fail(Reason.MISSING_CLAIM, f"required claim {name} is absent")

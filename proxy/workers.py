@@ -174,9 +174,7 @@ def supervise(path: str, overrides: Overrides, count: int) -> int:
     try:
         config = load_with_overrides(path, overrides)
     except ConfigError as error:
-        for line in error.lines():
-            print(line, file=sys.stderr)
-        return 2
+        return error.report()
 
     async def main() -> int:
         return await Supervisor(path, overrides, count, config).run()
