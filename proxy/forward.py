@@ -22,7 +22,7 @@ from typing import Any, Final, Protocol
 
 import httptools
 
-from .config import Upstream
+from .config import Upstream, client_context
 from .errors import Reason
 from .errors import UpstreamError as UpstreamError  # re-exported: raised here
 
@@ -249,9 +249,7 @@ class UpstreamPool:
         self.retired = False  # closed: a reload dropped this upstream
         self.ssl: ssl.SSLContext | None = None
         if upstream.scheme == "https":
-            self.ssl = ssl.create_default_context()
-            if upstream.ca_file:
-                self.ssl.load_verify_locations(upstream.ca_file)
+            self.ssl = client_context(upstream.ca_file)
 
     def forget(self, connection: UpstreamConnection) -> None:
         with contextlib.suppress(ValueError):

@@ -3,8 +3,8 @@
     view = RequestView("GET", "/v1/users/42?x=1", CIMultiDict({"Authorization": "Bearer ..."}))
     decision = await decide(view, config, verifier, now=time.time())  # trace=[] for inspect
 
-The aiohttp shell builds it from a live request, `inspect` builds it from the command line; the
-core never sees aiohttp's request objects.
+The listener builds it from a parsed request head, `inspect` from the command line; the core
+never sees a connection or a parser.
 """
 
 from __future__ import annotations

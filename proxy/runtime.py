@@ -31,9 +31,10 @@ from aiohttp import web
 
 from . import __version__
 from .app import Proxy, Resources, State, admin_app
-from .config import Config, Listen, is_loopback, load
+from .config import Config, Listen, load, server_context
 from .console import Console
 from .errors import ConfigError
+from .jwk import is_loopback
 from .listener import Listener
 from .metrics import METRICS_DIR_ENV, RELOADS, Metrics
 from .telemetry import Log, Recent
@@ -193,9 +194,7 @@ class Runtime:
         try:
             config = self.source()
         except ConfigError as error:
-            for line in error.lines():
-                print(line, file=sys.stderr)
-            return 2
+            return error.report()
         serving = await self._start(config)
         if serving is None:
             return 2
@@ -212,8 +211,7 @@ class Runtime:
         resources = Resources(self.metrics, self.log)
         state = await resources.prepare(config)
         if config.tls:
-            self.tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-            self.tls.load_cert_chain(config.tls.cert_file, config.tls.key_file)
+            self.tls = server_context(config.tls.cert_file, config.tls.key_file)
         proxy = self.proxy = Proxy(state, resources, scheme="https" if config.tls else "http")
         proxy.service = TokenService(lambda: proxy.state, self.metrics, proxy.clock).handle
         listener = Listener(proxy, config)

@@ -21,13 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from ..errors import ConfigError, Problem
-from ..jwk import is_loopback, jwks_url_problem, without_userinfo
 from ..yamlconf import Section, load_yaml, substitute, substituted_strings
 from . import checks
 from .apps import read_apps
 from .basics import MODES, read_authorize, read_limits, read_log, read_tls
 from .forwarding import read_errors, read_forward
-from .reader import Reader, client_context, listen, server_header
+from .reader import Reader, client_context, listen, server_context, server_header
 from .routes import read_routes
 from .schema import (
     DEFAULT_IDENTITY,
@@ -76,10 +75,8 @@ __all__ = [
     "Upstream",
     "client_context",
     "default_path",
-    "is_loopback",
-    "jwks_url_problem",
     "load",
-    "without_userinfo",
+    "server_context",
 ]
 
 

@@ -10,7 +10,7 @@ from typing import Any
 
 from ..errors import Problem
 from ..yamlconf import Section, as_string, optional
-from .reader import TOKEN_CHARS, Reader, timeout
+from .reader import TOKEN_CHARS, Reader, server_context, timeout
 from .schema import Authorize, Config, Limits, Tls, default, names
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -25,9 +25,8 @@ def read_tls(data: Any, reader: Reader) -> tuple[Tls | None, list[Problem]]:
     cert, key = section.string("cert_file"), section.string("key_file")
     if cert is None or key is None:
         return None, problems
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     try:
-        context.load_cert_chain(reader.path(cert), reader.path(key))
+        server_context(str(reader.path(cert)), str(reader.path(key)))
     except (OSError, ssl.SSLError, ValueError):
         section.problem("", "cert_file and key_file must be a readable PEM certificate and key")
         return None, problems

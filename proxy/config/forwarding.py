@@ -11,32 +11,12 @@ import re
 from typing import Any
 
 from ..errors import Problem
+from ..model import MANAGED_HEADERS
 from ..yamlconf import Section
 from .reader import TOKEN_CHARS, Reader
 from .schema import Errors, Forward, TokenSettings, default, names
 
 _REALM = re.compile(r"[\x20-\x7e]*")
-# Headers the proxy itself manages: identity headers may not take these names.
-_MANAGED = frozenset(
-    {
-        "host",
-        "connection",
-        "keep-alive",
-        "te",
-        "trailer",
-        "transfer-encoding",
-        "upgrade",
-        "content-length",
-        "content-type",
-        "expect",
-        "cookie",
-        "authorization",
-        "x-forwarded-for",
-        "x-forwarded-proto",
-        "x-forwarded-host",
-        "x-real-ip",
-    }
-)
 
 
 def read_forward(
@@ -84,7 +64,7 @@ def _header_names(
             section.problem(key, f"{reader.that(name)} is not a valid header name")
             continue
         folded = name.lower().replace("_", "-")
-        if folded in _MANAGED or folded in token_headers or folded.startswith("proxy-"):
+        if folded in MANAGED_HEADERS or folded in token_headers or folded.startswith("proxy-"):
             section.problem(key, f"{reader.that(name)} is a header the proxy manages")
         elif folded in seen:
             section.problem(key, f"{reader.that(name)} names a header twice (case and _ ignored)")

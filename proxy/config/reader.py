@@ -84,6 +84,13 @@ class Reader:
         return str(self.path(value))
 
 
+def server_context(cert_file: str, key_file: str) -> ssl.SSLContext:
+    """The listener's TLS context (raises OSError, ssl.SSLError or ValueError when unusable)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert_file, key_file)
+    return context
+
+
 def client_context(ca_file: str | None) -> ssl.SSLContext:
     """A TLS client context trusting the system's CAs and, when given, the bundle `ca_file`."""
     context = ssl.create_default_context()
