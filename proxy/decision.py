@@ -12,23 +12,13 @@ from __future__ import annotations
 from typing import Any, Final
 from urllib.parse import unquote
 
+from .claims import ABSENT, Trace, Verified, claim_at, json_equal, note
 from .config import Config, Route, Source
 from .errors import Reason, Rejection
+from .extract import Found, extract_token, query_values
 from .model import RequestView
 from .routing import Target, split_target
-from .tokens import (
-    ABSENT,
-    Found,
-    Refetch,
-    Trace,
-    Verified,
-    Verifier,
-    claim_at,
-    extract_token,
-    json_equal,
-    note,
-    query_values,
-)
+from .tokens import Refetch, Verifier
 
 
 class Decision:

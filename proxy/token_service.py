@@ -30,13 +30,14 @@ from urllib.parse import parse_qsl, unquote_plus
 import jwt
 
 from . import jwk
+from .claims import Verified, audiences
 from .config import Client, Config
 from .config import TokenService as ServiceConfig
 from .errors import OAuthError as OAuthError  # re-exported: raised here
 from .errors import Rejection
 from .metrics import ISSUED, Metrics
 from .model import Headers
-from .tokens import Verified, Verifier, audiences
+from .tokens import Verifier
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 TOKEN_EXCHANGE = "urn:ietf:params:oauth:grant-type:token-exchange"  # noqa: S105 - a URN

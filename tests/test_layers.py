@@ -12,7 +12,7 @@ LAYERS = {
     "routing": 1, "yamlconf": 1, "jwk": 1,
     "config": 2,
     "keys": 3,
-    "tokens": 4,
+    "extract": 4, "claims": 4, "tokens": 4,
     "decision": 5, "headers": 5, "mint": 5, "authorize": 5, "state": 5, "explain": 5,
     "forward": 6, "token_service": 6,
     "app": 7,

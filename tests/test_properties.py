@@ -34,11 +34,12 @@ from multidict import CIMultiDict
 
 from proxy.config import Forward, Source, load
 from proxy.errors import ConfigError, Reason, Rejection
+from proxy.extract import extract_token, parse
 from proxy.headers import HOP_BY_HOP, Forwarding, HeaderPlan
 from proxy.keys import AppKeys
 from proxy.model import RequestView
 from proxy.routing import PathPattern, split_target
-from proxy.tokens import Verifier, extract_token, parse
+from proxy.tokens import Verifier
 from tests.conftest import SECRET, SECRET_B64, KeyFiles, mint
 
 # No example database: every run starts fresh (and writes nothing into the worktree); the
