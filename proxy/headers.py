@@ -223,7 +223,7 @@ class HeaderPlan:
         return b"\r\n".join(lines)
 
 
-# Removed here, read by tokens.query_values / cookie_values: both must match the same names;
+# Removed here, read by extract.query_values / cookie_values: both must match the same names;
 # not yet for a query name holding + or % (`query:a+b`: read raw, then not removed).
 def remove_query_param(query: str, name: str) -> str:
     """The query without parameter `name`; the other parameters byte for byte."""
