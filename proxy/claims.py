@@ -164,52 +164,64 @@ class ClaimChecks:
     def check(
         self, claims: dict[str, Any], app: App, now: float, key: str, trace: Trace
     ) -> Verified:
-        """Step 7: the claim checks in the contract's order."""
+        """Step 7: the claim checks in the contract's order (each step raises its Reason)."""
+        _check_types(claims, app, trace)
+        self._check_times(claims, app, now, trace)
+        self._check_values(claims, app, trace)
+        identity = self._identity(claims, app, trace)
+        note(trace, "claims", True, "iss, aud, required claims and claim values fine")
+        exp = claims.get("exp")
+        return Verified(
+            app=app,
+            claims=claims,
+            exp=float(exp) if exp is not None else None,
+            scopes=_scopes(claims),
+            identity=identity,
+            claims_header=_b64_json(claims) if self.claims_header else None,
+            key=key,
+        )
 
-        def fail(reason: Reason, detail: str, step: str = "claims") -> Rejection:
-            note(trace, step, False, detail)
-            return Rejection(reason, detail, app=app.id)
-
-        for name in ("exp", "nbf", "iat"):
-            if name in claims and not _is_time(claims[name]):
-                detail = f"{name} is not a finite number within ±2^63"
-                raise fail(Reason.MALFORMED, detail, "times")
-        if any(_SURROGATE.search(text) for text in strings_in(claims)):
-            raise fail(Reason.MALFORMED, "a string claim is not valid Unicode (a lone surrogate)")
-        if "iss" in claims and not isinstance(claims["iss"], str):
-            raise fail(Reason.MALFORMED, "iss is not a string")
-        if "aud" in claims and not _audience_ok(claims["aud"]):
-            raise fail(Reason.MALFORMED, "aud is not a string or a list of strings")
+    def _check_times(self, claims: dict[str, Any], app: App, now: float, trace: Trace) -> None:
+        """exp, then nbf and iat, against now and the leeway; then the app's max_lifetime."""
         leeway = self.leeway
         exp, nbf, iat = claims.get("exp"), claims.get("nbf"), claims.get("iat")
         if exp is not None and exp + leeway <= now:
             detail = f"exp is {seconds(now - exp)} in the past (leeway {seconds(leeway)})"
-            raise fail(Reason.EXPIRED, detail, "times")
+            raise _fail(trace, app, Reason.EXPIRED, detail, "times")
         for name, when in (("nbf", nbf), ("iat", iat)):
             if when is not None and when > now + leeway:
                 detail = f"{name} is {seconds(when - now)} in the future (leeway {seconds(leeway)})"
-                raise fail(Reason.NOT_YET_VALID, detail, "times")
+                raise _fail(trace, app, Reason.NOT_YET_VALID, detail, "times")
         if app.max_lifetime is not None and exp is not None:
             lifetime = exp - (iat if iat is not None else now)
             if lifetime > app.max_lifetime:
                 detail = f"lives {seconds(lifetime)}, over max_lifetime {seconds(app.max_lifetime)}"
-                raise fail(Reason.LIFETIME_TOO_LONG, detail, "times")
+                raise _fail(trace, app, Reason.LIFETIME_TOO_LONG, detail, "times")
         if trace is not None:
             left = f"; expires in {seconds(exp - now)}" if exp is not None else ""
             trace.append(("times", True, f"exp, nbf, iat and lifetime fine{left}"))
+
+    def _check_values(self, claims: dict[str, Any], app: App, trace: Trace) -> None:
+        """iss, aud, the app's required claims, then its claim values."""
         # A discovery app without `issuer` takes its document's, read at check time.
         keys = self.keys.get(app.id)
         issuers = keys.issuers() if keys is not None else app.issuer
         if issuers is not None and claims.get("iss") not in issuers:
-            raise fail(Reason.ISSUER, "iss is not an allowed issuer")
+            raise _fail(trace, app, Reason.ISSUER, "iss is not an allowed issuer")
         if app.audience is not None and not set(audiences(claims)) & set(app.audience):
-            raise fail(Reason.AUDIENCE, "aud names none of the allowed audiences")
+            raise _fail(trace, app, Reason.AUDIENCE, "aud names none of the allowed audiences")
         for name in app.required_claims:
             if name not in claims:
-                raise fail(Reason.MISSING_CLAIM, f"required claim {name} is absent")
+                raise _fail(trace, app, Reason.MISSING_CLAIM, f"required claim {name} is absent")
         for name, value in app.claims:
             if name not in claims or not json_equal(claims[name], value):
-                raise fail(Reason.CLAIM_MISMATCH, f"claim {name} differs from the config")
+                detail = f"claim {name} differs from the config"
+                raise _fail(trace, app, Reason.CLAIM_MISMATCH, detail)
+
+    def _identity(
+        self, claims: dict[str, Any], app: App, trace: Trace
+    ) -> tuple[tuple[bytes, bytes], ...]:
+        """The identity headers to set; malformed when a value holds a control character."""
         identity = []
         for header, path in self.identity_claims:
             value = app.id if path == "@app" else claim_at(claims, path)
@@ -217,19 +229,33 @@ class ClaimChecks:
                 continue
             if isinstance(value, str):
                 if _CONTROL.search(value):
-                    raise fail(Reason.MALFORMED, f"claim {path} holds a control character")
+                    detail = f"claim {path} holds a control character"
+                    raise _fail(trace, app, Reason.MALFORMED, detail)
             elif isinstance(value, list | dict) and any(
                 _CONTROL.search(text) for text in strings_in(value)
             ):  # JSON text escapes most of them, not U+007F; the contract refuses them all
-                raise fail(Reason.MALFORMED, f"claim {path} holds a control character")
+                raise _fail(trace, app, Reason.MALFORMED, f"claim {path} holds a control character")
             identity.append((header.encode(), header_text(value).encode()))
-        note(trace, "claims", True, "iss, aud, required claims and claim values fine")
-        return Verified(
-            app=app,
-            claims=claims,
-            exp=float(exp) if exp is not None else None,
-            scopes=_scopes(claims),
-            identity=tuple(identity),
-            claims_header=_b64_json(claims) if self.claims_header else None,
-            key=key,
-        )
+        return tuple(identity)
+
+
+def _check_types(claims: dict[str, Any], app: App, trace: Trace) -> None:
+    """What the later checks compare must have the right type: exp, nbf and iat are times,
+    every string is Unicode, iss a string, aud a string or a list of them."""
+    for name in ("exp", "nbf", "iat"):
+        if name in claims and not _is_time(claims[name]):
+            detail = f"{name} is not a finite number within ±2^63"
+            raise _fail(trace, app, Reason.MALFORMED, detail, "times")
+    if any(_SURROGATE.search(text) for text in strings_in(claims)):
+        detail = "a string claim is not valid Unicode (a lone surrogate)"
+        raise _fail(trace, app, Reason.MALFORMED, detail)
+    if "iss" in claims and not isinstance(claims["iss"], str):
+        raise _fail(trace, app, Reason.MALFORMED, "iss is not a string")
+    if "aud" in claims and not _audience_ok(claims["aud"]):
+        raise _fail(trace, app, Reason.MALFORMED, "aud is not a string or a list of strings")
+
+
+def _fail(trace: Trace, app: App, reason: Reason, detail: str, step: str = "claims") -> Rejection:
+    """A step-7 rejection, noted for `inspect` under `step`."""
+    note(trace, step, False, detail)
+    return Rejection(reason, detail, app=app.id)
