@@ -175,9 +175,32 @@ class Tunnel:
         self.closed_upstream = False
 
     async def run(self, head: bytes, expires_in: float | None) -> None:
-        exchange, client, up = self.exchange, self.client, self.upstream
+        """Connect, relay the handshake, then bytes both ways until a side ends the tunnel."""
+        self.client.hold(8)  # frames wait for the upstream
+        side = await self._connect()
+        if side is None:
+            return
+        self.side = side
+        assert side.transport is not None  # noqa: S101 - set by connection_made
+        rest = await self._handshake(side, side.transport, head)
+        if rest is None:
+            return
+        self._switch(side, rest)
+        expiry = None
+        if expires_in is not None:
+            expiry = asyncio.get_running_loop().call_later(max(0.0, expires_in), self.expire)
+        try:
+            await self.ended
+        finally:
+            if expiry is not None:
+                expiry.cancel()
+            side.transport.close()
+        self.exchange.answer_done()
+
+    async def _connect(self) -> _UpstreamSide | None:
+        """The tunnel's own upstream connection; None once a failure was answered (502/504)."""
+        exchange, up = self.exchange, self.upstream
         loop = asyncio.get_running_loop()
-        client.hold(8)  # frames wait for the upstream
         try:
             async with asyncio.timeout(up.connect_timeout):
                 if up.socket_path is not None:
@@ -194,34 +217,45 @@ class Tunnel:
                     )
         except TimeoutError:
             exchange.upstream_failed(Reason.UPSTREAM_TIMEOUT, "WebSocket connect timed out")
-            return
+            return None
         except (OSError, ssl.SSLError) as error:
             exchange.upstream_failed(
                 Reason.UPSTREAM_UNAVAILABLE, f"WebSocket connect failed ({type(error).__name__})"
             )
-            return
-        self.side = side
-        assert side.transport is not None  # noqa: S101 - set by connection_made
+            return None
+        return side
+
+    async def _handshake(
+        self, side: _UpstreamSide, transport: asyncio.Transport, head: bytes
+    ) -> bytes | None:
+        """The handshake upstream and its answer: the bytes after a 101's head, or None once
+        any other answer (or none in time) was answered with the contract's 502/504."""
+        exchange = self.exchange
         try:
-            side.transport.write(head)
-            async with asyncio.timeout(up.timeout):
+            transport.write(head)
+            async with asyncio.timeout(self.upstream.timeout):
                 rest = await side.head
         except TimeoutError:
-            side.transport.close()
+            transport.close()
             exchange.upstream_failed(Reason.UPSTREAM_TIMEOUT, "WebSocket handshake timed out")
-            return
+            return None
         except ConnectionError as error:
-            side.transport.close()
+            transport.close()
             exchange.upstream_failed(
                 Reason.UPSTREAM_UNAVAILABLE, f"WebSocket handshake failed ({type(error).__name__})"
             )
-            return
+            return None
         if side.status != 101:
-            side.transport.close()
+            transport.close()
             exchange.upstream_failed(
                 Reason.UPSTREAM_UNAVAILABLE, f"the upstream answered the handshake {side.status}"
             )
-            return
+            return None
+        return rest
+
+    def _switch(self, side: _UpstreamSide, rest: bytes) -> None:
+        """The 101 to the client, then what either side sent early; the client reads again."""
+        exchange, client = self.exchange, self.client
         rid_name = client.proxy.state.config.forward.request_id_header
         lines = [b"HTTP/1.1 101 " + (side.reason or b"Switching Protocols")]
         lines += [name + b": " + value for name, value in side.headers]
@@ -238,16 +272,6 @@ class Tunnel:
         if pending:
             self.from_client(pending)
         client.release(8)
-        expiry = None
-        if expires_in is not None:
-            expiry = loop.call_later(max(0.0, expires_in), self.expire)
-        try:
-            await self.ended
-        finally:
-            if expiry is not None:
-                expiry.cancel()
-            side.transport.close()
-        exchange.answer_done()
 
     def from_client(self, data: bytes) -> None:
         side = self.side
