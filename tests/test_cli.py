@@ -47,6 +47,7 @@ def test_version_from_script_and_module() -> None:
     assert script.stdout == module.stdout
 
 
+@pytest.mark.slow
 def test_bad_usage_exits_2_with_usage_on_stderr() -> None:
     result = run("serve", "--workers", "zero")
     assert result.returncode == 2
@@ -154,6 +155,7 @@ def test_mint_claims_and_lifetime(tmp_path: Path) -> None:
     assert claims["n"] == "007"
 
 
+@pytest.mark.slow
 def test_mint_asymmetric_needs_key(tmp_path: Path, keys: KeyFiles) -> None:
     data = {
         "upstream": {"url": "http://127.0.0.1:9"},
@@ -185,6 +187,7 @@ def test_keygen_secrets(alg: str, size: int) -> None:
     assert len(base64.b64decode(result.stdout.strip(), validate=True)) == size
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("alg", ["ES256", "RS256", "EdDSA"])
 def test_keygen_key_pairs(alg: str, tmp_path: Path) -> None:
     result = run("keygen", "--alg", alg, "--kid", "k-1")
@@ -384,6 +387,7 @@ def _failing(report: dict[str, Any]) -> list[tuple[str, str]]:
     return [(step["step"], step["detail"]) for step in report["steps"] if not step["ok"]]
 
 
+@pytest.mark.slow
 def test_inspect_names_the_failing_step(tmp_path: Path, keys: KeyFiles) -> None:
     """A bit-flipped token fails at `signature`, a malformed one at `structure`, an unknown
     kid at `key`, each once and under its own name (not `key ok, decision FAIL`)."""
@@ -410,6 +414,7 @@ def test_inspect_names_the_failing_step(tmp_path: Path, keys: KeyFiles) -> None:
     assert _failing(report) == [("key", "no key has kid 'k-2'")]
 
 
+@pytest.mark.slow
 def test_inspect_time_checks_in_plain_seconds_with_the_limit(tmp_path: Path) -> None:
     config = write_config(tmp_path, APPS)
     now = time.time()

@@ -23,10 +23,13 @@ from tests.test_cli import free_port_pair, start_demo
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
-pytestmark = pytest.mark.skipif(
-    not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
-    reason="chromium and chromedriver are not installed (.ci/run installs them)",
-)
+pytestmark = [
+    pytest.mark.slow,  # a real browser
+    pytest.mark.skipif(
+        not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)),
+        reason="chromium and chromedriver are not installed (.ci/run installs them)",
+    ),
+]
 WAIT = 20  # seconds any one thing may take to show up on the page
 
 

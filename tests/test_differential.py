@@ -28,6 +28,8 @@ from tests.conftest import ProxyFactory, RunningProxy
 from tests.framings import BAD_FRAMING, FRAMED, REJECTED_FIRST, SMUGGLED, chunked, head
 from tests.nginx import NGINX, Nginx, Seen, start_nginx
 
+pytestmark = pytest.mark.slow  # ~0.3 s a test, waiting for nginx's log; ~30 s in all
+
 
 @pytest.fixture(scope="session")
 def nginx(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Nginx]:

@@ -145,6 +145,7 @@ async def test_the_document_gives_the_jwks_and_the_issuer(
     assert 'token_proxy_jwks_fetches_total{app="idp",result="ok"} 1.0' in proxy.metrics_text()
 
 
+@pytest.mark.slow
 async def test_idp_down_at_start_503_then_accepted(
     proxy_for: ProxyFactory, keys: KeyFiles, idp: Idp
 ) -> None:

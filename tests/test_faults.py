@@ -331,6 +331,7 @@ async def test_upstream_reset_mid_response_body_cuts_the_client(
     assert [line["request_id"] for line in errors] == ["cut-1"]
 
 
+@pytest.mark.slow
 async def test_upstream_that_never_answers_is_a_504(
     proxy_for: ProxyFactory, raw_servers: list[RawServer]
 ) -> None:
@@ -442,6 +443,7 @@ def jwks_fetches(proxy: RunningProxy) -> Counter[str]:
     return Counter({result: int(float(value)) for result, value in found})
 
 
+@pytest.mark.slow
 async def test_jwks_hanging_then_garbage_then_flapping(
     proxy_for: ProxyFactory, raw_servers: list[RawServer], keys: KeyFiles
 ) -> None:
@@ -529,6 +531,7 @@ def write_atomically(path: Path, text: str) -> None:
     os.replace(temporary, path)
 
 
+@pytest.mark.slow
 async def test_sighup_every_100ms_under_load(
     tmp_path: Path,
     upstream: Upstream,
@@ -655,6 +658,7 @@ async def test_a_reload_retires_the_old_pool_without_keeping_its_connections(
 # --- Clients that leave ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 async def test_clients_leaving_mid_stream_leak_nothing(
     proxy_for: ProxyFactory, upstream: Upstream
 ) -> None:

@@ -173,6 +173,7 @@ async def test_upstream_refused_is_502(proxy_for: ProxyFactory) -> None:
     assert any(line["event"] == "upstream_error" for line in proxy.log_lines())
 
 
+@pytest.mark.slow
 async def test_upstream_slow_headers_is_504(proxy_for: ProxyFactory, upstream: Upstream) -> None:
     proxy = await proxy_for(
         {
@@ -192,6 +193,7 @@ async def test_upstream_slow_headers_is_504(proxy_for: ProxyFactory, upstream: U
     }
 
 
+@pytest.mark.slow
 async def test_each_request_gets_its_own_head_timeout(
     proxy_for: ProxyFactory, upstream: Upstream, tmp_path: Path
 ) -> None:
@@ -267,6 +269,7 @@ async def test_failure_mid_response_aborts_the_client(proxy_for: ProxyFactory) -
     assert any(line["event"] == "upstream_error" for line in proxy.log_lines())
 
 
+@pytest.mark.slow
 async def test_client_leaving_mid_response_is_still_logged_and_counted(
     proxy_for: ProxyFactory,
 ) -> None:
@@ -383,7 +386,15 @@ async def test_malformed_request_line_gets_fixed_body_and_no_echo(
     assert logged[-1]["status"] == 400
 
 
-@pytest.mark.parametrize("target", ["foo", "*", "example.com:443", "http://[::1"])
+@pytest.mark.parametrize(
+    "target",
+    [
+        "foo",
+        pytest.param("*", marks=pytest.mark.slow),
+        "example.com:443",
+        pytest.param("http://[::1", marks=pytest.mark.slow),
+    ],
+)
 async def test_target_that_is_not_a_path_gets_bad_path(
     proxy_for: ProxyFactory, upstream: Upstream, target: str
 ) -> None:
@@ -582,6 +593,7 @@ async def test_websocket_closed_with_1008_when_token_expires(
     assert upstream.closed == [1008]
 
 
+@pytest.mark.slow
 async def test_max_connections_queue_then_time_out(
     proxy_for: ProxyFactory, upstream: Upstream
 ) -> None:

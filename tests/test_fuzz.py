@@ -30,6 +30,7 @@ TOKEN = token(userId="42")
 LONG_TOKEN = token(userId="42", pad="p" * 8000)  # ~10,800 characters: over 8190
 CORPUS = Corpus()  # bench/fuzz.py's seeded mutator, a bounded sample of it here
 SECRETS = [TOKEN, LONG_TOKEN, MARKER, *CORPUS.secrets]
+pytestmark = pytest.mark.slow  # ~25 s of hypothesis examples
 
 
 @pytest.fixture(scope="module")

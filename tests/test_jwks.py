@@ -270,6 +270,7 @@ async def test_concurrent_misses_share_one_fetch(
     assert jwks.fetches == 2
 
 
+@pytest.mark.slow
 async def test_hanging_jwks_answers_within_timeout(
     proxy_for: ProxyFactory, keys: KeyFiles, jwks: JwksServer
 ) -> None:
@@ -287,6 +288,7 @@ async def test_hanging_jwks_answers_within_timeout(
 # --- Failures: down at start, stale, bad documents ----------------------------------------------
 
 
+@pytest.mark.slow
 async def test_down_at_start_503_then_recovers_without_restart(
     proxy_for: ProxyFactory, keys: KeyFiles, jwks: JwksServer
 ) -> None:

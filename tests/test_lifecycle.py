@@ -195,6 +195,7 @@ async def test_reload_valid_then_invalid(
     assert not any(old in json.dumps(line) or new in json.dumps(line) for line in proxy.lines)
 
 
+@pytest.mark.slow
 async def test_reload_under_load_loses_no_request(
     tmp_path: Path, upstream_url: str, served: list[Served]
 ) -> None:
@@ -224,6 +225,7 @@ async def test_reload_under_load_loses_no_request(
     assert await proxy.stop() == 0
 
 
+@pytest.mark.slow
 async def test_drain_finishes_in_flight_and_refuses_new(
     tmp_path: Path, upstream_url: str, served: list[Served]
 ) -> None:
@@ -254,6 +256,7 @@ def children(pid: int) -> list[int]:
     return [int(child) for child in path.read_text().split()]
 
 
+@pytest.mark.slow
 async def test_workers_share_a_port_and_survive_a_crash(
     tmp_path: Path, upstream_url: str, served: list[Served]
 ) -> None:
@@ -290,6 +293,7 @@ async def test_workers_share_a_port_and_survive_a_crash(
             os.kill(pid, 0)
 
 
+@pytest.mark.slow
 async def test_readyz_waits_for_jwks(
     tmp_path: Path, upstream_url: str, served: list[Served], keys: KeyFiles
 ) -> None:

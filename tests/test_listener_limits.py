@@ -167,6 +167,7 @@ async def test_request_line_limit_follows_max_length(proxy_for: ProxyFactory) ->
         assert json.loads(body)["error"]["reason"] == reason
 
 
+@pytest.mark.slow
 async def test_default_request_line_limit(proxy_for: ProxyFactory, tap: Tap) -> None:
     proxy = await proxy_for(tapped(tap))
     # max(8190, 8192 + 1024): a 9000-byte target passes, a 9300-byte one does not
@@ -293,6 +294,7 @@ async def test_a_head_that_trickles_in_is_cut_off(proxy_for: ProxyFactory, tap: 
     writer.close()
 
 
+@pytest.mark.slow
 async def test_idle_keep_alive_connections_close_after_idle_timeout(
     proxy_for: ProxyFactory, tap: Tap
 ) -> None:
@@ -326,6 +328,7 @@ async def test_a_head_begun_after_a_keep_alive_pause_is_timed(
     writer.close()
 
 
+@pytest.mark.slow
 async def test_a_slow_body_is_not_cut_by_the_head_timeout(proxy_for: ProxyFactory) -> None:
     proxy = await proxy_for(SLOW)
     reader, writer = await open_to(proxy.url)

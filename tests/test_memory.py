@@ -11,12 +11,14 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
+import pytest
 from aiohttp import web
 
 from tests.conftest import free_port, upstream_app, write_config
 
 SIZE = 200 * 1024 * 1024
 LIMIT = 20 * 1024 * 1024
+pytestmark = pytest.mark.slow  # 400 MB through a subprocess
 
 
 def rss(pid: int, field: str) -> int:

@@ -23,6 +23,7 @@ from tests.conftest import SECRET_B64
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 MANIFESTS = ["deploy/sidecar.yaml", "deploy/gateway.yaml", "deploy/ingress-auth.yaml"]
+pytestmark = pytest.mark.slow  # builds the compiled wheel and runs the suite on it
 
 
 def test_dockerfile_passes_hadolint() -> None:

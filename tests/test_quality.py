@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 
@@ -26,6 +28,7 @@ def test_ruff_format() -> None:
     check(str(BIN / "ruff"), "format", "--check", ".")
 
 
+@pytest.mark.slow
 def test_mypy_strict() -> None:
     check(str(BIN / "mypy"), "--strict", "proxy", "tests")
 

@@ -24,6 +24,7 @@ from tests.conftest import ProxyFactory, RunningProxy, Upstream, parse_head, raw
 
 GUID = b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11"  # RFC 6455 §1.3
 CLOSE_1000 = b"\x88\x02\x03\xe8"  # a server's close frame, code 1000
+pytestmark = pytest.mark.slow  # each handshake takes ~2 s
 
 
 def accept_for(key: bytes) -> bytes:
