@@ -70,7 +70,16 @@ def test_compiled_wheel_builds_like_the_dockerfile_and_passes_the_suite(tmp_path
     assert {f"proxy/{m}" for m in modules} <= names
     assert "proxy/console.html" in names  # the dev console's page (SPEC §12), read at run time
     compiled = {Path(n).name.split(".")[0] for n in names if n.startswith("proxy/") and ".so" in n}
-    assert {"app", "forward", "headers", "tokens", "decision", "routing"} <= compiled
+    assert {
+        "app",
+        "forward",
+        "headers",
+        "tokens",
+        "claims",
+        "extract",
+        "decision",
+        "routing",
+    } <= compiled
     assert {"schema", "apps", "checks"} <= compiled  # the config package's modules too
     assert "server" not in compiled  # subclasses aiohttp's slotted classes: stays interpreted
     assert not any(name.startswith("tests/") for name in names)
