@@ -16,7 +16,6 @@ import re
 import time
 from email.utils import formatdate
 from typing import Final
-from urllib.parse import unquote_plus
 
 from . import model
 from .config import Forward, Source
@@ -223,19 +222,16 @@ class HeaderPlan:
         return b"\r\n".join(lines)
 
 
-# Removed here, read by extract.query_values / cookie_values: both must match the same names;
-# not yet for a query name holding + or % (`query:a+b`: read raw, then not removed).
 def remove_query_param(query: str, name: str) -> str:
     """The query without parameter `name`; the other parameters byte for byte."""
-    kept = [p for p in query.split("&") if unquote_plus(p.partition("=")[0]) != name]
-    return "&".join(kept)
+    return "&".join(model.query_split(query, name)[1])
 
 
 def remove_cookie(line: bytes, name: str) -> bytes:
-    """A `Cookie` line without cookie `name`."""
-    wanted = name.encode("latin-1", "replace")
-    kept = [p.strip() for p in line.split(b";") if p.strip().partition(b"=")[0].strip() != wanted]
-    return b"; ".join(p for p in kept if p)
+    """A `Cookie` line without cookie `name`, read as the token reader reads it (UTF-8, as the
+    listener decodes header values)."""
+    kept = model.cookie_split(line.decode("utf-8", "surrogateescape"), name)[1]
+    return "; ".join(kept).encode("utf-8", "surrogateescape")
 
 
 _response_kinds: Final[dict[bytes, int]] = {}

@@ -2,6 +2,7 @@
 
     view = RequestView("GET", "/v1/users/42?x=1", CIMultiDict({"Authorization": "Bearer ..."}))
     decision = await decide(view, config, verifier, now=time.time())  # trace=[] for inspect
+    values, others = query_split("a=1&access_token=...", "access_token")  # or cookie_split
 
 The listener builds it from a parsed request head, `inspect` from the command line; the core
 never sees a connection or a parser.
@@ -10,6 +11,7 @@ never sees a connection or a parser.
 from __future__ import annotations
 
 from typing import Final
+from urllib.parse import unquote_plus
 
 from multidict import CIMultiDict, CIMultiDictProxy
 
@@ -59,3 +61,41 @@ class RequestView:
         self.peer: Final = peer
         self.scheme: Final = scheme
         self.has_body: Final = has_body
+
+
+# Where a token is read (tokens.query_values, cookie_values) and where `forward.token: false`
+# removes it must agree on which pairs hold it, so both are to split here. Written twice they
+# drifted (`query:a+b` read as sent, removal matched only the decoded name: forwarded).
+_OWS: Final = " \t\n\r\x0b\x0c"  # what bytes.strip() strips: the other cookies as they came
+
+
+def query_split(query: str, name: str) -> tuple[list[str], list[str]]:
+    """Query parameter `name`: its values, percent-decoded (`+` is a space), and the other
+    pairs as they came. The name matches as sent or percent-decoded."""
+    values: list[str] = []
+    kept: list[str] = []
+    for pair in query.split("&"):
+        key, _, value = pair.partition("=")
+        if key == name or unquote_plus(key) == name:
+            values.append(unquote_plus(value))
+        else:
+            kept.append(pair)
+    return values, kept
+
+
+def cookie_split(line: str, name: str) -> tuple[list[str], list[str]]:
+    """Cookie `name` in one `Cookie` line: its values (surrounding quotes off), and the other
+    cookies, trimmed. A bare `name` without `=` has no value, and is not kept either."""
+    values: list[str] = []
+    kept: list[str] = []
+    for part in line.split(";"):
+        key, sep, value = part.partition("=")
+        if key.strip() != name:
+            if part := part.strip(_OWS):
+                kept.append(part)
+        elif sep:
+            value = value.strip()
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = value[1:-1]
+            values.append(value)
+    return values, kept

@@ -1020,6 +1020,40 @@ async def test_forward_token_false_removes_it_from_where_it_came(
     assert token not in json.dumps([header, query, cookie])
 
 
+@pytest.mark.parametrize(
+    ("name", "sent"),
+    [("a+b", "a+b"), ("a+b", "a%2Bb"), ("a b", "a+b"), ("a%20b", "a%20b"), ("a%20b", "a%2520b")],
+)
+async def test_forward_token_false_removes_a_query_token_however_its_name_is_spelled(
+    proxy_for: ProxyFactory, upstream: Any, name: str, sent: str
+) -> None:
+    """The pair the token was read from is the pair removed: a name with `+` or `%` is
+    matched as sent and percent-decoded, both when reading and when removing."""
+    proxy = await proxy_for({"forward": {"token": False}, "token": {"sources": [f"query:{name}"]}})
+    token = proxy.token()
+    response = await proxy.get(f"/x?a=1&{sent}={token}&b=%20")
+    assert response.status == 200  # the token was read...
+    assert (await response.json())["target"] == "/x?a=1&b=%20"  # ...and removed, the rest kept
+    assert token not in json.dumps(upstream.seen)
+
+
+async def test_forward_token_false_removes_a_cookie_token_with_a_non_ascii_name(
+    proxy_for: ProxyFactory, upstream: Any
+) -> None:
+    """Cookie lines are read as UTF-8 text, and removed in the same reading: not a Latin-1
+    spelling of the name that never matches the bytes sent."""
+    proxy = await proxy_for({"forward": {"token": False}, "token": {"sources": ["cookie:jwté"]}})
+    token = proxy.token()
+    cookie = f"Cookie: a=1; jwté={token}; b=ü".encode()
+    head = b"GET /x HTTP/1.1\r\nHost: a\r\n" + cookie + b"\r\nConnection: close\r\n\r\n"
+    raw = await raw_exchange(proxy.url, head)
+    assert parse_head(raw)[0] == 200
+    assert [value for name, value in upstream.seen[-1]["raw_headers"] if name == "Cookie"] == [
+        "a=1; b=ü".encode().decode("latin-1")
+    ]
+    assert token not in json.dumps(upstream.seen)
+
+
 async def test_route_sources_open_the_query_only_where_listed(
     proxy_for: ProxyFactory, upstream: Any
 ) -> None:
