@@ -140,11 +140,7 @@ class HeaderPlan:
         facts: Forwarding,
     ) -> bytes:
         """The request line and headers sent upstream."""
-        drop = facts.drop_token
-        if drop is not None and drop.kind == "query":
-            query = remove_query_param(query, drop.name)
-        target = path + ("?" + query if query else "")
-        lines = [f"{method} {target} HTTP/1.1".encode("utf-8", "surrogateescape")]
+        lines = [_request_line(method, path, query, facts.drop_token)]
         for name, value in self.request_headers(raw_headers, facts):
             lines.append(name + b": " + value)  # compiled, cheaper than a join per line
         lines.append(b"\r\n")  # the blank line after the last header
@@ -210,16 +206,20 @@ class HeaderPlan:
         """A WebSocket handshake for the upstream: a plain request's head, without the
         framing of a body it never has (the upstream would read frames as that body), with
         the upgrade asked for again (Connection and Upgrade are hop-by-hop)."""
-        drop = facts.drop_token
-        if drop is not None and drop.kind == "query":
-            query = remove_query_param(query, drop.name)
-        target = path + ("?" + query if query else "")
-        lines = [f"GET {target} HTTP/1.1".encode("utf-8", "surrogateescape")]
+        lines = [_request_line("GET", path, query, facts.drop_token)]
         for name, value in self.request_headers(raw_headers, facts):
             if name.lower() not in (b"content-length", b"transfer-encoding"):
                 lines.append(name + b": " + value)
         lines.append(b"Connection: Upgrade\r\nUpgrade: websocket\r\n\r\n")
         return b"\r\n".join(lines)
+
+
+def _request_line(method: str, path: str, query: str, drop: Source | None) -> bytes:
+    """The request line for the upstream, less the query token under `forward.token: false`."""
+    if drop is not None and drop.kind == "query":
+        query = remove_query_param(query, drop.name)
+    target = path + ("?" + query if query else "")
+    return f"{method} {target} HTTP/1.1".encode("utf-8", "surrogateescape")
 
 
 def remove_query_param(query: str, name: str) -> str:
@@ -303,6 +303,16 @@ def response_headers(
 _STATUS_LINES: Final[dict[int, tuple[str, bytes]]] = {}
 
 
+def _status_line(status: int, reason: str) -> bytes:
+    """`HTTP/1.1 <status> <reason>`, from the cache while the upstream's reason is the same."""
+    cached = _STATUS_LINES.get(status)
+    if cached is not None and cached[0] == reason:
+        return cached[1]
+    line = b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1"))
+    _STATUS_LINES[status] = (reason, line)
+    return line
+
+
 def response_head(
     status: int,
     reason: str,
@@ -314,14 +324,8 @@ def response_head(
     old_client: bool,
 ) -> bytes:
     """The status line and headers of a whole response, in the upstream's bytes and order."""
-    cached = _STATUS_LINES.get(status)
-    if cached is not None and cached[0] == reason:
-        status_line = cached[1]
-    else:
-        status_line = b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1"))
-        _STATUS_LINES[status] = (reason, status_line)
     kept, dated = _end_to_end(raw, whole=True)
-    lines = [status_line]
+    lines = [_status_line(status, reason)]
     for name, value in kept:
         lines.append(name + b": " + value)  # compiled, cheaper than a join per line
     if not dated:
@@ -348,14 +352,8 @@ def streamed_head(
     """The head of an answer whose body streams: (bytes, chunked by us, ended by close).
     The upstream's Content-Length stays; without one a body goes chunked to an HTTP/1.1
     client and ends with the connection for an HTTP/1.0 one."""
-    cached = _STATUS_LINES.get(status)
-    if cached is not None and cached[0] == reason:
-        status_line = cached[1]
-    else:
-        status_line = b"HTTP/1.1 %d %s" % (status, reason.encode("latin-1"))
-        _STATUS_LINES[status] = (reason, status_line)
     kept, dated = _end_to_end(raw)
-    lines = [status_line]
+    lines = [_status_line(status, reason)]
     length = False
     for name, value in kept:
         if not length and name.lower() == b"content-length":
