@@ -83,6 +83,12 @@ _FORBIDDEN = ContractEntry(
     403, 38, "TokenInvalid", "The token does not allow this request.", "insufficient_scope"
 )
 
+
+def _plain(status: int, name: str, message: str) -> ContractEntry:
+    """An answer not about the token: its code is the HTTP status, and no challenge."""
+    return ContractEntry(status, status, name, message, None)
+
+
 CONTRACT: Final[dict[Reason, ContractEntry]] = {
     **{
         reason: _INVALID
@@ -120,24 +126,16 @@ CONTRACT: Final[dict[Reason, ContractEntry]] = {
     Reason.MULTIPLE_TOKENS: ContractEntry(
         400, 38, "TokenInvalid", "The request carries more than one token.", "invalid_request"
     ),
-    Reason.BAD_PATH: ContractEntry(
-        400, 400, "BadRequest", "The request path is not acceptable.", None
+    Reason.BAD_PATH: _plain(400, "BadRequest", "The request path is not acceptable."),
+    Reason.METHOD_NOT_ALLOWED: _plain(
+        405, "MethodNotAllowed", "The method is not allowed for this path."
     ),
-    Reason.METHOD_NOT_ALLOWED: ContractEntry(
-        405, 405, "MethodNotAllowed", "The method is not allowed for this path.", None
+    Reason.KEYS_UNAVAILABLE: _plain(
+        503, "KeysUnavailable", "The signing keys are not available yet."
     ),
-    Reason.KEYS_UNAVAILABLE: ContractEntry(
-        503, 503, "KeysUnavailable", "The signing keys are not available yet.", None
-    ),
-    Reason.UPSTREAM_UNAVAILABLE: ContractEntry(
-        502, 502, "BadGateway", "The upstream service is unavailable.", None
-    ),
-    Reason.UPSTREAM_TIMEOUT: ContractEntry(
-        504, 504, "GatewayTimeout", "The upstream service timed out.", None
-    ),
-    Reason.INTERNAL: ContractEntry(
-        500, 500, "InternalError", "The proxy failed to handle the request.", None
-    ),
+    Reason.UPSTREAM_UNAVAILABLE: _plain(502, "BadGateway", "The upstream service is unavailable."),
+    Reason.UPSTREAM_TIMEOUT: _plain(504, "GatewayTimeout", "The upstream service timed out."),
+    Reason.INTERNAL: _plain(500, "InternalError", "The proxy failed to handle the request."),
 }
 
 

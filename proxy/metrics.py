@@ -52,66 +52,35 @@ class Family:
 
 
 REQUESTS = Family(
-    name="token_proxy_requests",
-    help="Requests by outcome",
-    kind="counter",
-    labels=("outcome", "reason", "app"),
+    "token_proxy_requests", "Requests by outcome", "counter", ("outcome", "reason", "app")
 )
 DURATION = Family(
-    name="token_proxy_request_duration_seconds",
-    help="Time to answer a request, by outcome",
-    kind="histogram",
-    labels=("outcome",),
+    "token_proxy_request_duration_seconds",
+    "Time to answer a request, by outcome",
+    "histogram",
+    ("outcome",),
 )
 UPSTREAM = Family(
-    name="token_proxy_upstream_duration_seconds",
-    help="Time the upstream took to send response headers",
-    kind="histogram",
-    labels=("upstream",),
+    "token_proxy_upstream_duration_seconds",
+    "Time the upstream took to send response headers",
+    "histogram",
+    ("upstream",),
 )
 CACHE = Family(
-    name="token_proxy_token_cache_requests",
-    help="Verified-token cache lookups",
-    kind="counter",
-    labels=("result",),
+    "token_proxy_token_cache_requests", "Verified-token cache lookups", "counter", ("result",)
 )
-JWKS_FETCHES = Family(
-    name="token_proxy_jwks_fetches",
-    help="JWKS fetches",
-    kind="counter",
-    labels=("app", "result"),
-)
+JWKS_FETCHES = Family("token_proxy_jwks_fetches", "JWKS fetches", "counter", ("app", "result"))
 JWKS_KEYS = Family(
-    name="token_proxy_jwks_keys",
-    help="Usable keys from the app's JWKS URL",
-    kind="gauge",
-    labels=("app",),
-    merge="max",
+    "token_proxy_jwks_keys", "Usable keys from the app's JWKS URL", "gauge", ("app",), "max"
 )
-RELOADS = Family(
-    name="token_proxy_reloads",
-    help="Configuration reloads",
-    kind="counter",
-    labels=("result",),
-)
-IN_FLIGHT = Family(
-    name="token_proxy_in_flight_requests",
-    help="Requests being handled",
-    kind="gauge",
-    labels=(),
-)
-BUILD = Family(
-    name="token_proxy_build_info",
-    help="Version of token-proxy",
-    kind="gauge",
-    labels=("version",),
-    merge="max",
-)
+RELOADS = Family("token_proxy_reloads", "Configuration reloads", "counter", ("result",))
+IN_FLIGHT = Family("token_proxy_in_flight_requests", "Requests being handled", "gauge", ())
+BUILD = Family("token_proxy_build_info", "Version of token-proxy", "gauge", ("version",), "max")
 ISSUED = Family(
-    name="token_proxy_tokens_issued",
-    help="Access tokens issued by the token service",
-    kind="counter",
-    labels=("grant", "client"),
+    "token_proxy_tokens_issued",
+    "Access tokens issued by the token service",
+    "counter",
+    ("grant", "client"),
 )
 FAMILIES = {family.name: family for family in (
     REQUESTS, DURATION, UPSTREAM, CACHE, JWKS_FETCHES, JWKS_KEYS, RELOADS, IN_FLIGHT, BUILD,
