@@ -24,7 +24,7 @@ import re
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 from urllib.parse import urljoin, urlsplit
 
 import aiohttp
@@ -272,24 +272,24 @@ class JwksSource:
         self._count("ok")
         if changed:
             self.on_change()
-            if self.log:
-                self.log.event(
-                    "info",
-                    "jwks_fetch",
-                    url=url,
-                    apps=list(self.apps),
-                    result="ok",
-                    keys=len(keys),
-                    added=sorted(str(k) for k in new - old),
-                    removed=sorted(str(k) for k in old - new),
-                    **self._document_fields(),
-                )
+            self._log_fetch(
+                "info",
+                url,
+                result="ok",
+                keys=len(keys),
+                added=sorted(str(k) for k in new - old),
+                removed=sorted(str(k) for k in old - new),
+            )
         return True
 
-    def _document_fields(self) -> dict[str, str | None]:
-        if not self.discovery:
-            return {}
-        return {"discovery_url": self.url, "issuer": self.issuer}
+    def _log_fetch(self, level: str, url: str, **fields: Any) -> None:
+        """One `jwks_fetch` line: the URL and its apps, then `fields`, then the discovery
+        document's URL and issuer when the keys came through one."""
+        if not self.log:
+            return
+        if self.discovery:
+            fields.update(discovery_url=self.url, issuer=self.issuer)
+        self.log.event(level, "jwks_fetch", url=url, apps=list(self.apps), **fields)
 
     def _discovered(self, body: bytes) -> Discovered:
         """The JWKS URL and issuer of a discovery document, checked (SPEC §11)."""
@@ -334,17 +334,13 @@ class JwksSource:
         backoff = min(2.0 ** (self.failures - 1), max(1.0, self.settings.jwks_min_refresh))
         self.next_at = now + backoff
         self._count("error")
-        if self.log:
-            self.log.event(
-                "warning",
-                "jwks_fetch",
-                url=url,
-                apps=list(self.apps),
-                result="error",
-                error=why,
-                stale=self.keys != () and not self.usable(now),
-                **self._document_fields(),
-            )
+        self._log_fetch(
+            "warning",
+            url,
+            result="error",
+            error=why,
+            stale=self.keys != () and not self.usable(now),
+        )
         return self.usable(now)
 
     def _count(self, result: str) -> None:

@@ -25,6 +25,10 @@ _ATOMIC: Final = 4096
 # "000" to "999" by index: milliseconds and microseconds without a float format per line
 # (a "%.3f" costs as much as the rest of a number: bench/README.md, "Why the code looks so").
 _THREE: Final = tuple("%03d" % n for n in range(1000))  # noqa: UP031
+# What the dev console keeps of an access line: time, method, path, route, status, outcome,
+# reason, app, seconds.
+RecentLine = tuple[str, str, str, str, int, str, str, str, float]
+_RECENT_NAMES: Final = ("time", "method", "path", "route", "status", "outcome", "reason", "app")
 
 
 def _milliseconds(seconds: float) -> str:
@@ -98,7 +102,7 @@ class Log:
         upstream = "null" if upstream_seconds is None else _milliseconds(upstream_seconds)
         stamp = self.now()
         if self.recent is not None:  # the dev console is on (SPEC §12)
-            self.recent.add(stamp, method, path, route, status, outcome, reason, app, seconds)
+            self.recent.add((stamp, method, path, route, status, outcome, reason, app, seconds))
         self._queue(
             f'{{"time":"{stamp}","level":"info","event":"request",'
             f'"request_id":"{request_id}","method":{_string(method)},'
@@ -148,32 +152,20 @@ class Recent:
 
     def __init__(self, size: int = 100) -> None:
         self.seq = 0  # how many were ever added: the cursor pollers pass back
-        self._lines: deque[tuple[Any, ...]] = deque(maxlen=size)
+        self._lines: deque[tuple[int, RecentLine]] = deque(maxlen=size)
 
-    def add(
-        self,
-        stamp: str,
-        method: str,
-        path: str,
-        route: str,
-        status: int,
-        outcome: str,
-        reason: str,
-        app: str,
-        seconds: float,
-    ) -> None:
+    def add(self, line: RecentLine) -> None:
         # A tuple only: the dicts are built when the console asks, not per request.
         self.seq += 1
-        self._lines.append((self.seq, stamp, method, path, route, status, outcome, reason, app,
-                            seconds))  # fmt: skip
+        self._lines.append((self.seq, line))
 
     def since(self, after: int) -> tuple[int, list[dict[str, Any]]]:
         """The kept requests added after cursor `after`, oldest first, and the next cursor."""
-        names = ("seq", "time", "method", "path", "route", "status", "outcome", "reason", "app")
         found = []
-        for line in self._lines:
-            if line[0] > after:
-                entry = dict(zip(names, line, strict=False))
-                entry["duration_ms"] = round(line[9] * 1000, 3)
+        for seq, line in self._lines:
+            if seq > after:
+                entry: dict[str, Any] = {"seq": seq}
+                entry.update(zip(_RECENT_NAMES, line, strict=False))  # all but the seconds
+                entry["duration_ms"] = round(line[-1] * 1000, 3)
                 found.append(entry)
         return self.seq, found
