@@ -24,6 +24,7 @@ import math
 import secrets
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import parse_qsl, unquote_plus
 
@@ -69,6 +70,17 @@ class Request:
         self.headers = headers
         self.body = body
         self.too_large = too_large
+
+
+@dataclass(frozen=True, slots=True)
+class _Grant:
+    """One authenticated token request: what every grant type reads."""
+
+    form: dict[str, str]
+    state: _State
+    service: ServiceConfig
+    client: Client
+    now: float
 
 
 def _json(
@@ -125,15 +137,16 @@ class TokenService:
     async def token(self, request: Request, state: _State, service: ServiceConfig) -> Answer:
         form = _form(request)
         client = _authenticate(request, form, service)
-        grant = form.get("grant_type")
-        if not grant:
+        grant_type = form.get("grant_type")
+        if not grant_type:
             raise OAuthError("invalid_request", "grant_type is required")
         now = self.clock()
-        if grant == JWT_BEARER:
-            claims, expires = await self.jwt_bearer(form, state, service, client, now)
+        grant = _Grant(form, state, service, client, now)
+        if grant_type == JWT_BEARER:
+            claims, expires = await self.jwt_bearer(grant)
             label, extra = "jwt-bearer", {}
-        elif grant == TOKEN_EXCHANGE:
-            claims, expires = await self.exchange(form, state, service, client, now)
+        elif grant_type == TOKEN_EXCHANGE:
+            claims, expires = await self.exchange(grant)
             label, extra = "token-exchange", {"issued_token_type": ACCESS_TOKEN_TYPE}
         else:
             raise OAuthError("unsupported_grant_type", "this grant type is not supported")
@@ -151,37 +164,31 @@ class TokenService:
             }
         )
 
-    def _issue(
-        self,
-        service: ServiceConfig,
-        config: Config,
-        client: Client,
-        source: Verified,
-        now: float,
-        expires: float,
-    ) -> dict[str, Any]:
+    def _issue(self, grant: _Grant, source: Verified, expires: float) -> dict[str, Any]:
+        service = grant.service
         claims: dict[str, Any] = {
             "iss": service.issuer,
             "sub": source.claims["sub"],
-            "iat": int(now),
+            "iat": int(grant.now),
             "exp": int(expires),
             "jti": secrets.token_urlsafe(16),
-            "client_id": client.id,
+            "client_id": grant.client.id,
         }
         if service.audience:
             claims["aud"] = service.audience
-        if config.environment:
-            claims["env"] = config.environment
+        environment = grant.state.config.environment
+        if environment:
+            claims["env"] = environment
         for name in service.copy_claims:
             if name in source.claims and name not in claims:
                 claims[name] = source.claims[name]
         return claims
 
     async def _validate(
-        self, token: str, state: _State, apps: tuple[str, ...], now: float, error: str
+        self, grant: _Grant, token: str, apps: tuple[str, ...], error: str
     ) -> Verified:
         try:
-            verified = await state.verifier.verify(token, now)
+            verified = await grant.state.verifier.verify(token, grant.now)
         except Rejection as rejection:
             raise OAuthError(error, f"the token is not acceptable ({rejection.reason})") from None
         if verified.app.id not in apps:
@@ -190,19 +197,13 @@ class TokenService:
             raise OAuthError(error, "the token has no sub")
         return verified
 
-    async def jwt_bearer(
-        self,
-        form: dict[str, str],
-        state: _State,
-        service: ServiceConfig,
-        client: Client,
-        now: float,
-    ) -> tuple[dict[str, Any], float]:
-        assertion = form.get("assertion")
+    async def jwt_bearer(self, grant: _Grant) -> tuple[dict[str, Any], float]:
+        service, client = grant.service, grant.client
+        assertion = grant.form.get("assertion")
         if not assertion:
             raise OAuthError("invalid_request", "assertion is required")
         credential = await self._validate(
-            assertion, state, service.jwt_bearer_apps, now, "invalid_grant"
+            grant, assertion, service.jwt_bearer_apps, "invalid_grant"
         )
         claims = credential.claims
         endpoint = service.issuer + "/oauth/token"
@@ -221,33 +222,25 @@ class TokenService:
             raise OAuthError(
                 "unauthorized_client", "the credential names no allowed_clients and no org"
             )
-        environment = state.config.environment
+        environment = grant.state.config.environment
         if environment is not None and claims.get("env") != environment:
             raise OAuthError("invalid_grant", f"the credential is not for {environment}")
-        expires = now + service.token_ttl
-        return self._issue(service, state.config, client, credential, now, expires), expires
+        expires = grant.now + service.token_ttl
+        return self._issue(grant, credential, expires), expires
 
-    async def exchange(
-        self,
-        form: dict[str, str],
-        state: _State,
-        service: ServiceConfig,
-        client: Client,
-        now: float,
-    ) -> tuple[dict[str, Any], float]:
-        token, kind = form.get("subject_token"), form.get("subject_token_type")
+    async def exchange(self, grant: _Grant) -> tuple[dict[str, Any], float]:
+        service = grant.service
+        token, kind = grant.form.get("subject_token"), grant.form.get("subject_token_type")
         if not token or kind not in SUBJECT_TYPES:
             raise OAuthError(
                 "invalid_request", "subject_token and a supported subject_token_type are required"
             )
-        subject = await self._validate(
-            token, state, service.token_exchange_apps, now, "invalid_request"
-        )
-        expires = now + service.token_ttl
+        subject = await self._validate(grant, token, service.token_exchange_apps, "invalid_request")
+        expires = grant.now + service.token_ttl
         if subject.exp is not None:
             expires = min(expires, subject.exp)
-        claims = self._issue(service, state.config, client, subject, now, expires)
-        actor: dict[str, Any] = {"sub": client.id}
+        claims = self._issue(grant, subject, expires)
+        actor: dict[str, Any] = {"sub": grant.client.id}
         if isinstance(subject.claims.get("act"), dict):
             actor["act"] = subject.claims["act"]  # RFC 8693 §4.1: earlier actors nest
         claims["act"] = actor
