@@ -1,8 +1,9 @@
 """Authorization mode (SPEC §10): a gateway's auth subrequest in, the decision's answer out.
 
-    view = asked_request(config.authorize, method, target, raw_headers, peer)  # or bad_path
-    decision = await decide(view, config, verifier, now)                       # or Rejection
-    headers = allow_headers(decision, config.forward, rid_name, rid)           # the 200's
+    subrequest = RequestView(method, target, headers, peer)      # as the gateway sent it
+    view = asked_request(config.authorize, subrequest)            # or Rejection(bad_path)
+    decision = await decide(view, config, verifier, now)          # or Rejection
+    headers = allow_headers(decision, config.forward, rid_name, rid)   # the 200's
 
 Framework-free, so any listener can call it with the subrequest's head as received: the
 request asked about becomes an ordinary `RequestView` (the method and target the gateway
@@ -13,8 +14,6 @@ body, the identity headers §6 would have sent upstream, for the gateway to copy
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 from multidict import CIMultiDict
 
 from .config import Authorize, Forward
@@ -22,43 +21,23 @@ from .decision import Decision
 from .errors import Reason, Rejection
 from .model import Headers, RequestView
 
-RawHeaders = Iterable[tuple[bytes, bytes]]
 _TOKEN_CHARS = frozenset(
     b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 )
 
 
-def asked_request(
-    settings: Authorize,
-    method: str,
-    target: str,
-    raw_headers: RawHeaders,
-    peer: str = "",
-    scheme: str = "http",
-    has_body: bool = False,
-) -> RequestView:
+def asked_request(settings: Authorize, subrequest: RequestView) -> RequestView:
     """The request a subrequest asks about, or `Rejection(bad_path)` when a configured header
     is absent or repeated (the gateway is not set up as the config says)."""
-    wanted = {
-        name.lower().encode(): name
-        for name in (settings.method_header, settings.uri_header, settings.host_header)
-        if name is not None
-    }
-    found: dict[bytes, list[str]] = {}
-    headers: CIMultiDict[str] = CIMultiDict()
-    for name, value in raw_headers:
-        text = value.decode("utf-8", "surrogateescape")  # as aiohttp reads header values
-        lower = name.lower()
-        if lower in wanted:
-            found.setdefault(lower, []).append(text)
-        headers.add(name.decode("latin-1"), text)
     values: dict[str, str] = {}
-    for lower, header in wanted.items():
-        seen = found.get(lower, [])
-        if len(seen) != 1:
-            what = "absent" if not seen else "repeated"
-            raise Rejection(Reason.BAD_PATH, f"the gateway's {header} header is {what}")
-        values[header] = seen[0]
+    for header in (settings.method_header, settings.uri_header, settings.host_header):
+        if header is not None:
+            seen = subrequest.headers.getall(header, [])
+            if len(seen) != 1:
+                what = "absent" if not seen else "repeated"
+                raise Rejection(Reason.BAD_PATH, f"the gateway's {header} header is {what}")
+            values[header] = seen[0]
+    method = subrequest.method
     if settings.method_header is not None:
         method = values[settings.method_header]
         if not method or not all(byte in _TOKEN_CHARS for byte in method.encode()):
@@ -66,12 +45,15 @@ def asked_request(
     if settings.uri_header is not None:
         target = values[settings.uri_header]
     else:
-        target = _strip(target, settings.strip_prefix)
+        target = _strip(subrequest.target, settings.strip_prefix)
+    headers = subrequest.headers
     if settings.host_header is not None:
         # An absolute-form target is checked against the host asked about, not the gateway's.
+        headers = CIMultiDict(headers)
         headers.popall("Host", None)
         headers["Host"] = values[settings.host_header]
-    return RequestView(method, target, headers, peer, scheme, has_body or _has_body(headers))
+    has_body = subrequest.has_body or _has_body(headers)
+    return RequestView(method, target, headers, subrequest.peer, subrequest.scheme, has_body)
 
 
 def _strip(target: str, prefix: str) -> str:

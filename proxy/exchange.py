@@ -151,8 +151,8 @@ class Exchange(Reply):
         try:
             if config.mode == "authorize":  # SPEC §10: a gateway asks about another request
                 self.authorizing = True
-                view = asked_request(config.authorize, self.method, target, self.raw,
-                                     client.peer, proxy.scheme, self.has_body)  # fmt: skip
+                view = asked_request(config.authorize, RequestView(self.method, target, headers,
+                                     client.peer, proxy.scheme, self.has_body))  # fmt: skip
                 self.asked = view.method
             else:
                 view = RequestView(
