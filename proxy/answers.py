@@ -18,7 +18,7 @@ from time import perf_counter  # a module attribute lookup less, compiled
 from typing import TYPE_CHECKING, Final
 
 from .app import CLIENT_CLOSED, CLIENT_CLOSED_OUTCOME, SERVICE_OUTCOME
-from .decision import Decision
+from .decision import Decision, Reached
 from .errors import CONTRACT, Reason, Rejection
 from .errors import FIXED_BODIES as _FIXED
 from .headers import http_date, request_id
@@ -87,7 +87,7 @@ class Reply:
     __slots__ = (
         "answered", "app", "asked", "body_done", "broken", "bytes_in", "bytes_out", "client",
         "decided", "done", "finished_reading", "has_body", "head_only", "keep_alive", "method",
-        "outcome", "reason", "rid", "started", "status", "upstream_seconds", "url",
+        "outcome", "reached", "reason", "rid", "started", "status", "upstream_seconds", "url",
     )
     # fmt: on
 
@@ -103,6 +103,7 @@ class Reply:
     body_done: bool
     finished_reading: bool
     decided: Decision | Rejection | None
+    reached: Reached  # the path and route the access line shows, once the decision knew them
     outcome: str
     reason: str
     app: str
@@ -242,11 +243,9 @@ class Reply:
             metrics.upstream(upstream, self.upstream_seconds)
         if proxy.state.config.access_log:
             route = ""
-            if isinstance(decided, Decision):
-                path = decided.target.path
-                route = decided.route.pattern.pattern if decided.route is not None else ""
-            elif decided is not None and decided.path is not None:
-                path, route = decided.path, decided.route
+            reached = self.reached
+            if decided is not None and reached.path is not None:
+                path, route = reached.path, reached.route
             else:
                 path = self.url.decode("utf-8", "surrogateescape").partition("?")[0][:2048]
                 if outcome == SERVICE_OUTCOME:

@@ -2,6 +2,7 @@
 
     decision = await decide(view, config, verifier, now=clock())   # or raises Rejection
     decision.target.path, decision.route, decision.verified
+    decide_now(view, config, verifier, now, reached=reached)   # reached.path, reached.route
 
 `serve` and `inspect` both call `decide()`; `inspect` and the dev console call
 `explain.explain()`, which passes a trace list to it.
@@ -43,6 +44,18 @@ class Decision:
         return self.verified.app.id if self.verified else ""
 
 
+class Reached:
+    """How far a decision got, for the request's access line, whatever its end: the normalised
+    path once step 1 passed, the matched route's pattern once step 2 found one. The caller
+    owns it: a Rejection carries only the contract's answer."""
+
+    __slots__ = ("path", "route")  # a plain class: see model.RequestView
+
+    def __init__(self) -> None:
+        self.path: str | None = None
+        self.route = ""
+
+
 def match_route(
     routes: tuple[Route, ...], method: str, path: str
 ) -> tuple[Route | None, dict[str, str]]:
@@ -72,13 +85,12 @@ def _same_pattern(
             params = route.pattern.match(path)  # the same path, under this route's names
             return route, params if params is not None else {}
         allowed |= route.methods
-    rejection = Rejection(
+    raise Rejection(
         Reason.METHOD_NOT_ALLOWED,
         f"{method} is not among the methods of {first.pattern.pattern}",
         allow=", ".join(sorted(allowed)),
+        route=first.pattern.pattern,
     )
-    rejection.route = first.pattern.pattern
-    raise rejection
 
 
 def is_preflight(view: RequestView) -> bool:
@@ -118,22 +130,16 @@ class Pending:
 
     async def resume(self) -> Decision:
         """Steps 6-8 once the keys are refetched: a Decision, or a Rejection."""
-        route, target = self.route, self.target
-        try:
-            verified = await self.refetch.verify()
-            return _authorized(
-                view=self.view,
-                target=target,
-                route=route,
-                params=self.params,
-                found=self.found,
-                verified=verified,
-                trace=self.trace,
-            )
-        except Rejection as rejection:
-            rejection.path = target.path
-            rejection.route = route.pattern.pattern if route is not None else ""
-            raise
+        verified = await self.refetch.verify()
+        return _authorized(
+            view=self.view,
+            target=self.target,
+            route=self.route,
+            params=self.params,
+            found=self.found,
+            verified=verified,
+            trace=self.trace,
+        )
 
 
 async def decide(
@@ -145,51 +151,57 @@ async def decide(
 
 
 def decide_now(
-    view: RequestView, config: Config, verifier: Verifier, now: float, trace: Trace = None
+    view: RequestView,
+    config: Config,
+    verifier: Verifier,
+    now: float,
+    trace: Trace = None,
+    reached: Reached | None = None,
 ) -> Decision | Pending:
     """Steps 1-8 without waiting: a Decision, a Rejection, or `Pending` when the token names
-    a kid its JWKS lacks (the listener then awaits `Pending.resume()`)."""
+    a kid its JWKS lacks (the listener then awaits `Pending.resume()`). `reached` is filled
+    in as steps 1 and 2 pass."""
+    if reached is None:
+        reached = Reached()
     try:
         target = split_target(view.target, view.headers.get("Host"))
     except Rejection as rejection:
         note(trace, "path", False, rejection.detail)
         raise
+    reached.path = target.path
     if trace is not None:  # (guarded: the details are strings built for `inspect` only)
         trace.append(("path", True, f"normalised to {target.path}"))
     try:
         route, params = match_route(config.routes, view.method, target.match)
     except Rejection as rejection:
         note(trace, "route", False, f"{rejection.route} takes only {rejection.allow}")
-        rejection.path = target.path
+        reached.route = rejection.route
         raise
+    if route is not None:
+        reached.route = route.pattern.pattern
     if trace is not None:
         trace.append(("route", True, route.pattern.pattern if route else "none: token required"))
     if route is not None and route.auth == "none":
         return Decision(target, route)
-    try:
-        if view.method == "OPTIONS" and config.preflight == "pass" and is_preflight(view):
-            note(trace, "preflight", True, "CORS preflight passes without a token")
+    if view.method == "OPTIONS" and config.preflight == "pass" and is_preflight(view):
+        note(trace, "preflight", True, "CORS preflight passes without a token")
+        return Decision(target, route)
+    sources = token_sources(route, config)
+    found = extract_token(view, sources)
+    if found is None:
+        if route is not None and route.auth == "optional":
+            note(trace, "token", True, "none; the route's auth is optional")
             return Decision(target, route)
-        sources = token_sources(route, config)
-        found = extract_token(view, sources)
-        if found is None:
-            if route is not None and route.auth == "optional":
-                note(trace, "token", True, "none; the route's auth is optional")
-                return Decision(target, route)
-            note(trace, "token", False, "none found")
-            raise Rejection(Reason.MISSING, "no token in " + ", ".join(s.label for s in sources))
-        if trace is not None:
-            trace.append(("token", True, "found in " + found.source.label))
-        verified = verifier.cached(found.token, now, trace) or verifier.verify_now(
-            found.token, now, trace
-        )
-        if isinstance(verified, Refetch):
-            return Pending(view, target, route, params, found, verified, trace)
-        return _authorized(view, target, route, params, found, verified, trace)
-    except Rejection as rejection:
-        rejection.path = target.path
-        rejection.route = route.pattern.pattern if route is not None else ""
-        raise
+        note(trace, "token", False, "none found")
+        raise Rejection(Reason.MISSING, "no token in " + ", ".join(s.label for s in sources))
+    if trace is not None:
+        trace.append(("token", True, "found in " + found.source.label))
+    verified = verifier.cached(found.token, now, trace) or verifier.verify_now(
+        found.token, now, trace
+    )
+    if isinstance(verified, Refetch):
+        return Pending(view, target, route, params, found, verified, trace)
+    return _authorized(view, target, route, params, found, verified, trace)
 
 
 def _authorized(

@@ -169,6 +169,7 @@ class Rejection(ProxyError):
         app: str = "",
         retry_after: int | None = None,
         allow: str | None = None,
+        route: str = "",
     ) -> None:
         super().__init__(reason.value)
         self.reason = reason
@@ -176,8 +177,7 @@ class Rejection(ProxyError):
         self.app = app
         self.retry_after = retry_after
         self.allow = allow  # method_not_allowed: the Allow header's value ("GET, POST")
-        self.path: str | None = None  # the normalised path, once known (for the access log)
-        self.route = ""  # the matched route's pattern, once known
+        self.route = route  # method_not_allowed: the pattern whose methods those are
 
 
 @dataclass(frozen=True, slots=True)

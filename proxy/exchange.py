@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from .answers import HOLD_BODY, HOLD_UPSTREAM, Reply, serve_token
 from .app import SERVICE_OUTCOME, SERVICE_PATHS
 from .authorize import allow_headers, asked_request
-from .decision import Decision, Pending, decide_now
+from .decision import Decision, Pending, Reached, decide_now
 from .errors import Reason, Rejection
 from .forward import UpstreamConnection, UpstreamError, UpstreamPool
 from .headers import Forwarding, request_id, response_head, streamed_head
@@ -72,6 +72,7 @@ class Exchange(Reply):
         self.rid = ""
         self.started = 0.0
         self.decided = None
+        self.reached = Reached()
         self.outcome = "forwarded"
         self.reason = ""
         self.app = ""
@@ -158,7 +159,7 @@ class Exchange(Reply):
                 view = RequestView(
                     self.method, target, headers, client.peer, proxy.scheme, self.has_body
                 )
-            decided = decide_now(view, config, state.verifier, proxy.clock())
+            decided = decide_now(view, config, state.verifier, proxy.clock(), None, self.reached)
         except Rejection as rejection:
             self.reject(rejection)
             return

@@ -236,6 +236,19 @@ async def test_rotation_new_kid_accepted_after_one_refetch(
     assert 'token_proxy_jwks_keys{app="idp"} 2.0' in metrics
 
 
+async def test_a_rejection_after_a_refetch_is_logged_with_its_path_and_route(
+    proxy_for: ProxyFactory, keys: KeyFiles, jwks: JwksServer
+) -> None:
+    """A decision that waited for a refetch logs what steps 1 and 2 found, as any other."""
+    jwks.document = {"keys": [keys.jwk("rsa", kid="k")]}
+    proxy = await proxy_for({**idp_app(jwks_url=jwks.url), "routes": [{"path": "/api/{id}"}]})
+    response = await proxy.get("/api/%34%32?q=1", token=sign(keys, "rsa2", "RS256", "gone"))
+    assert (await response.json())["error"]["reason"] == "unknown_kid"
+    assert jwks.fetches == 2  # rejected once the refetch came back without the kid
+    line = proxy.log_lines()[-1]
+    assert (line["path"], line["route"], line["status"]) == ("/api/42", "/api/{id}", 401)
+
+
 async def test_kid_flood_causes_one_fetch_per_window(
     proxy_for: ProxyFactory, keys: KeyFiles, jwks: JwksServer
 ) -> None:
