@@ -63,9 +63,9 @@ class RequestView:
         self.has_body: Final = has_body
 
 
-# Where a token is read (tokens.query_values, cookie_values) and where `forward.token: false`
-# removes it must agree on which pairs hold it, so both are to split here. Written twice they
-# drifted (`query:a+b` read as sent, removal matched only the decoded name: forwarded).
+# Where a token is read (query_values, cookie_values) and where `forward.token: false` removes
+# it (headers.py) must agree on which pairs hold it, so both are to split here. Written twice
+# they drifted (`query:a+b` read as sent, removal matched only the decoded name: forwarded).
 _OWS: Final = " \t\n\r\x0b\x0c"  # what bytes.strip() strips: the other cookies as they came
 
 
