@@ -17,12 +17,11 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import unquote_plus
 
 from . import jwk
 from .config import Source
 from .errors import Reason, Rejection
-from .model import RequestView
+from .model import RequestView, cookie_split, query_split
 
 _SEGMENT: Final = re.compile(r"[A-Za-z0-9_-]+")
 _TYPES: Final = frozenset({"jwt", "at+jwt", "application/at+jwt"})
@@ -79,28 +78,12 @@ def extract_token(view: RequestView, sources: tuple[Source, ...]) -> Found | Non
 def query_values(target: str, name: str) -> list[str]:
     """Every value of query parameter `name`, percent-decoded (`+` is a space)."""
     query = target.partition("?")[2]
-    if not query:
-        return []
-    values = []
-    for pair in query.split("&"):
-        key, _, value = pair.partition("=")
-        if key == name or unquote_plus(key) == name:
-            values.append(unquote_plus(value))
-    return values
+    return query_split(query, name)[0] if query else []
 
 
 def cookie_values(headers: Any, name: str) -> list[str]:
     """Every value of cookie `name` across all `Cookie` lines (aiohttp reads only the first)."""
-    values = []
-    for line in headers.getall("Cookie", ()):
-        for pair in line.split(";"):
-            key, sep, value = pair.strip().partition("=")
-            if sep and key.strip() == name:
-                value = value.strip()
-                if len(value) >= 2 and value[0] == value[-1] == '"':
-                    value = value[1:-1]
-                values.append(value)
-    return values
+    return [value for line in headers.getall("Cookie", ()) for value in cookie_split(line, name)[0]]
 
 
 # --- Step 4: the token's structure ---------------------------------------------------------
