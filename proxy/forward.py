@@ -120,6 +120,9 @@ class UpstreamConnection(asyncio.Protocol):
                 self._tell()
             else:
                 self._fail(exc or ConnectionResetError("upstream closed the connection"))
+        # The parser holds this connection as its callbacks' target: a cycle only a full
+        # collection would free. No byte is parsed after the connection is lost.
+        self.parser = None
 
     def _framed(self) -> bool:
         """True when the response's end is known without EOF (a length, chunks, no body)."""
@@ -340,6 +343,8 @@ class UpstreamPool:
             connection.keep_alive = False
             connection.close()
         self.release_slot()
+        if self.retired and not self.awaiting:
+            self._unwatch()
 
     def _time_out(self) -> None:
         """Fail the heads past their deadline; wake again at the next deadline."""
@@ -379,7 +384,15 @@ class UpstreamPool:
         self.active -= 1
 
     def close(self) -> None:
-        # The watch stays: heads still awaited on a retired pool (a reload) keep their timeout.
+        # The watch stays while heads are awaited on a retired pool (a reload): they keep
+        # their timeout. Then it goes (finish), or its timer would keep the pool alive.
         self.retired = True
         while self.idle:
             self.idle.pop().close()
+        if not self.awaiting:
+            self._unwatch()
+
+    def _unwatch(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None

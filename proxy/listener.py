@@ -77,6 +77,10 @@ class Connection(asyncio.Protocol):
             if exchange.begun and not exchange.answered:
                 exchange.abandon()
         self._wake()
+        # The parser holds this connection as its callbacks' target, and a half-parsed
+        # exchange holds it as its client: cycles a young collection does not free (the
+        # thresholds in runtime.py make full ones rare). No byte is parsed after this.
+        self.parser = self.parsing = None
         self.listener.gone()
 
     def data_received(self, data: bytes) -> None:
