@@ -139,7 +139,9 @@ class Reply:
     def reject(self, rejection: Rejection) -> None:
         if self.done:
             return
-        self.decided = rejection
+        # Kept for the access line; its traceback would hold the frames that raised it, and
+        # they this exchange: a cycle only a full collection frees (rare: runtime.py).
+        self.decided = rejection.with_traceback(None)
         self.reason, self.app = rejection.reason.value, rejection.app
         self.outcome = CONTRACT[rejection.reason].name
         # never read a rejected body (Expect: 100-continue): answer, then close

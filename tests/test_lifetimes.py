@@ -2,8 +2,8 @@
 collector: with `gc.set_threshold(20_000, 50, 100)` (runtime.py) a full collection is rare, so
 what only a full collection frees piles up (the soak's RSS drift, bench/README.md "Soak").
 
-    with gc disabled: requests over real connections, closes, a reload; then nothing of
-    theirs is left in gc.get_objects()
+    with gc disabled: forwarded and rejected requests over real connections, a cut-off head,
+    closes, reloads; then nothing of theirs is left in gc.get_objects()
 """
 
 from __future__ import annotations
@@ -50,15 +50,15 @@ def no_collector() -> Iterator[None]:
         gc.enable()
 
 
-async def request(port: int, token: str, count: int) -> None:
-    """`count` keep-alive requests on one connection, each answer read whole; then a close."""
+async def request(port: int, token: str, count: int, status: int = 200) -> None:
+    """`count` keep-alive requests on one connection, each answer read whole; then a close.
+    No token (""): no Authorization header."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    auth = f"Authorization: Bearer {token}\r\n" if token else ""
     for _ in range(count):
-        writer.write(
-            f"GET /x HTTP/1.1\r\nHost: a\r\nAuthorization: Bearer {token}\r\n\r\n".encode()
-        )
+        writer.write(f"GET /x HTTP/1.1\r\nHost: a\r\n{auth}\r\n".encode())
         head = await reader.readuntil(b"\r\n\r\n")
-        assert head.startswith(b"HTTP/1.1 200 ")
+        assert head.startswith(b"HTTP/1.1 %d " % status)
         length = next(
             int(line.split(b":")[1])
             for line in head.split(b"\r\n")
@@ -107,7 +107,12 @@ async def test_closed_connections_and_old_states_die_by_refcount(
     port = int(proxy.url.rsplit(":", 1)[1])
     token = proxy.token()
     in_use = {"State": 1, "UpstreamPool": 1}  # nothing else: no connection, exchange, parser
-    await asyncio.gather(*(request(port, token, 3) for _ in range(4)), half_head(port))
+    await asyncio.gather(
+        *(request(port, token, 3) for _ in range(4)),
+        request(port, token + "x", 3, 401),  # a Rejection raised and kept for the access line
+        request(port, "", 3, 401),
+        half_head(port),
+    )
     await reload(proxy, tmp_path, 7)
     assert await settled(in_use) == in_use
     await request(port, token, 2)  # the new state serves; its connections go the same way
