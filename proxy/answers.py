@@ -253,10 +253,20 @@ class Reply:
                 if outcome == SERVICE_OUTCOME:
                     route = path  # one of the service's fixed paths
             proxy.log.access(
-                self.rid, self.asked or self.method, path, route, status, outcome, self.reason,
-                self.app, self.client.peer, elapsed, self.upstream_seconds, self.bytes_in,
-                self.bytes_out,
-            )  # fmt: skip
+                request_id=self.rid,
+                method=self.asked or self.method,
+                path=path,
+                route=route,
+                status=status,
+                outcome=outcome,
+                reason=self.reason,
+                app=self.app,
+                client=self.client.peer,
+                seconds=elapsed,
+                upstream_seconds=self.upstream_seconds,
+                bytes_in=self.bytes_in,
+                bytes_out=self.bytes_out,
+            )
 
 
 def upstream_name(decided: Decision | Rejection | None) -> str:

@@ -26,7 +26,7 @@ from .decision import Decision, Pending, Reached, decide_now
 from .errors import Reason, Rejection
 from .forward import UpstreamConnection, UpstreamError, UpstreamPool
 from .headers import Forwarding, request_id, response_head, streamed_head
-from .model import RequestView
+from .model import Headers, RequestView
 from .websocket import Tunnel, is_websocket
 
 if TYPE_CHECKING:
@@ -152,19 +152,13 @@ class Exchange(Reply):
         try:
             if config.mode == "authorize":  # SPEC §10: a gateway asks about another request
                 self.authorizing = True
-                view = asked_request(config.authorize, RequestView(self.method, target, headers,
-                                     client.peer, proxy.scheme, self.has_body))  # fmt: skip
+                view = asked_request(config.authorize, self.view(target, headers))
                 self.asked = view.method
             else:
-                view = RequestView(
-                    self.method, target, headers, client.peer, proxy.scheme, self.has_body
-                )
+                view = self.view(target, headers)
             decided = decide_now(view, config, state.verifier, proxy.clock(), None, self.reached)
-        except Rejection as rejection:
-            self.reject(rejection)
-            return
-        except Exception:
-            self.internal()
+        except Exception as error:
+            self.failed(error)
             return
         if isinstance(decided, Pending):
             self.task = asyncio.ensure_future(self.decide_later(decided))
@@ -174,16 +168,31 @@ class Exchange(Reply):
     async def decide_later(self, pending: Pending) -> None:
         try:
             decision = await pending.resume()
-        except Rejection as rejection:
-            self.reject(rejection)
-            return
-        except Exception:
-            self.internal()
+        except Exception as error:
+            self.failed(error)
             return
         finally:
             self.task = None
         if not self.done:
             self.forward(decision)
+
+    def view(self, target: str, headers: Headers) -> RequestView:
+        """What the decision sees of this request."""
+        return RequestView(
+            method=self.method,
+            target=target,
+            headers=headers,
+            peer=self.client.peer,
+            scheme=self.client.proxy.scheme,
+            has_body=self.has_body,
+        )
+
+    def failed(self, error: Exception) -> None:
+        """The decision failed: the contract's answer for a rejection, else a 500."""
+        if isinstance(error, Rejection):
+            self.reject(error)
+        else:
+            self.internal()
 
     def forward(self, decision: Decision) -> None:
         self.decided = decision
@@ -303,17 +312,29 @@ class Exchange(Reply):
             self.status = status
             self.bytes_out = len(body)
             head = response_head(
-                status, reason, connection.headers, rid_name, self.rid, len(body), keep_alive,
-                self.old,
-            )  # fmt: skip
+                status,
+                reason,
+                connection.headers,
+                request_id_name=rid_name,
+                rid=self.rid,
+                length=len(body),
+                keep_alive=keep_alive,
+                old_client=self.old,
+            )
             client.write(head + body)
             connection.sink = None
             self.response_end(connection)
             return
         head, chunked, delimited = streamed_head(
-            status, reason, connection.headers, rid_name, self.rid, keep_alive, self.old,
-            self.head_only,
-        )  # fmt: skip
+            status,
+            reason,
+            connection.headers,
+            request_id_name=rid_name,
+            rid=self.rid,
+            keep_alive=keep_alive,
+            old_client=self.old,
+            head_only=self.head_only,
+        )
         self.keep_alive = keep_alive and not delimited
         self.reply_chunked = chunked
         self.status = status
