@@ -204,9 +204,15 @@ class ConfigError(ProxyError):
 
     def report(self) -> int:
         """Print every problem on stderr; the exit status for a config that cannot be used."""
-        for line in self.lines():
-            print(line, file=sys.stderr)
+        complain(*self.lines())
         return 2
+
+
+def complain(*lines: str) -> None:
+    """Lines on stderr in one write: the workers of `--workers N` share it, and print's
+    separate write of the newline let their lines interleave."""
+    sys.stderr.write("".join(f"{line}\n" for line in lines))
+    sys.stderr.flush()
 
 
 class UpstreamError(Rejection):

@@ -21,7 +21,6 @@ import os
 import signal
 import socket
 import ssl
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ from . import __version__
 from .app import Proxy, Resources, State, admin_app
 from .config import Config, Listen, load, server_context
 from .console import Console
-from .errors import ConfigError
+from .errors import ConfigError, complain
 from .jwk import is_loopback
 from .listener import Listener
 from .metrics import METRICS_DIR_ENV, RELOADS, Metrics
@@ -218,7 +217,7 @@ class Runtime:
         try:
             sock = make_socket(config.listen, self.reuse_port)
         except OSError as error:
-            print(listen_problem(self.label, "listen", config.listen, error), file=sys.stderr)
+            complain(listen_problem(self.label, "listen", config.listen, error))
             await resources.close()
             return None
         await listener.serve(sock, self.tls)
@@ -227,8 +226,7 @@ class Runtime:
             try:
                 serving.admin_runner = await self._start_admin(config.admin_listen, proxy)
             except OSError as error:  # like a busy main port: one line, exit 2
-                problem = listen_problem(self.label, "admin_listen", config.admin_listen, error)
-                print(problem, file=sys.stderr)
+                complain(listen_problem(self.label, "admin_listen", config.admin_listen, error))
                 await listener.drain(0)
                 await resources.close()
                 return None

@@ -24,7 +24,7 @@ from pathlib import Path
 from aiohttp import web
 
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, complain
 from .metrics import METRICS_DIR_ENV, Metrics, render
 from .runtime import (
     STATUS_ENV,
@@ -155,7 +155,7 @@ class Supervisor:
             try:
                 await web.TCPSite(runner, admin.host, admin.port).start()
             except OSError as error:  # like a busy main port: one line, exit 2
-                print(listen_problem(self.path, "admin_listen", admin, error), file=sys.stderr)
+                complain(listen_problem(self.path, "admin_listen", admin, error))
                 await runner.cleanup()
                 shutil.rmtree(self.directory, ignore_errors=True)
                 return 2
