@@ -144,7 +144,7 @@ def long_lived() -> dict[str, int]:
 CASES = [
     # (id, path, headers or token maker, expected status/code/name/message, challenge, reason)
     pytest.param(
-        "/x", lambda: "abc", INVALID, CHALLENGE_INVALID, "malformed", id="not-three-segments"
+        "/x", lambda: "not-a-jwt", INVALID, CHALLENGE_INVALID, "malformed", id="not-three-segments"
     ),
     pytest.param(
         "/x", lambda: "a.b.c.d", INVALID, CHALLENGE_INVALID, "malformed", id="four-segments"
