@@ -91,29 +91,30 @@ class Reply:
     )
     # fmt: on
 
-    client: Connection
-    url: bytes
-    method: str
-    asked: str
-    rid: str
-    started: float
-    keep_alive: bool
-    head_only: bool
-    has_body: bool
-    body_done: bool
-    finished_reading: bool
-    decided: Decision | Rejection | None
-    reached: Reached  # the path and route the access line shows, once the decision knew them
-    outcome: str
-    reason: str
-    app: str
-    status: int | None
-    answered: bool
-    done: bool
-    bytes_in: int
-    bytes_out: int
-    broken: str | None
-    upstream_seconds: float | None
+    def __init__(self, client: Connection) -> None:
+        self.client = client
+        self.url = b""
+        self.method = ""
+        self.asked = ""  # authorize mode: the method asked about, the one logged
+        self.keep_alive = True
+        self.head_only = False
+        self.has_body = False
+        self.body_done = False
+        self.finished_reading = False  # the whole request (head and body) was parsed
+        self.rid = ""
+        self.started = 0.0
+        self.decided: Decision | Rejection | None = None
+        self.reached = Reached()  # the path and route the access line shows, once known
+        self.outcome = "forwarded"
+        self.reason = ""
+        self.app = ""
+        self.status: int | None = None  # once the answer's head went out
+        self.answered = False  # the answer is whole
+        self.done = False  # logged and counted
+        self.bytes_in = 0
+        self.bytes_out = 0
+        self.broken: str | None = None
+        self.upstream_seconds: float | None = None
 
     def own(
         self,

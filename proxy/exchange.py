@@ -22,7 +22,7 @@ from multidict import CIMultiDict
 from .answers import HOLD_BODY, HOLD_UPSTREAM, Reply, serve_token
 from .app import SERVICE_OUTCOME, SERVICE_PATHS
 from .authorize import allow_headers, asked_request
-from .decision import Decision, Pending, Reached, decide_now
+from .decision import Decision, Pending, decide_now
 from .errors import Reason, Rejection
 from .forward import UpstreamConnection, UpstreamError, UpstreamPool
 from .headers import Forwarding, request_id, response_head, streamed_head
@@ -50,39 +50,17 @@ class Exchange(Reply):
     # fmt: on
 
     def __init__(self, client: Connection) -> None:
-        self.client = client
-        self.url = b""
+        super().__init__(client)
         self.raw: list[tuple[bytes, bytes]] = []
-        self.method = ""
-        self.asked = ""  # authorize mode: the method asked about, the one logged
         self.authorizing = False  # authorize mode: a decision answers 200, nothing forwarded
         self.headers: CIMultiDict[str] | None = None
         self.old = False  # HTTP/1.0
-        self.keep_alive = True
-        self.has_body = False
         self.chunked = False  # the body came chunked: it goes upstream re-chunked
         self.expect = False
-        self.head_only = False
         self.refusal = 0  # a fixed answer instead of a decision (400, 431, 505)
         self.body: collections.deque[bytes] = collections.deque()
         self.buffered = 0
-        self.body_done = False
-        self.finished_reading = False  # the whole request (head and body) was parsed
         self.writing = False  # the body goes straight upstream as it comes
-        self.rid = ""
-        self.started = 0.0
-        self.decided = None
-        self.reached = Reached()
-        self.outcome = "forwarded"
-        self.reason = ""
-        self.app = ""
-        self.status = None  # once the answer's head went out
-        self.answered = False  # the answer is whole
-        self.done = False  # logged and counted
-        self.bytes_in = 0
-        self.bytes_out = 0
-        self.broken = None
-        self.upstream_seconds = None
         self.upstream_started = 0.0
         self.pool: UpstreamPool | None = None
         self.upstream: UpstreamConnection | None = None
@@ -403,6 +381,11 @@ class Exchange(Reply):
 
     def abandon(self) -> None:
         """The client left before the answer was whole."""
+        self.let_go()
+        self.finish()
+
+    def let_go(self) -> None:
+        """Its coroutine cancelled, its upstream connection closed, never pooled."""
         if self.task is not None:
             self.task.cancel()
             self.task = None
@@ -411,4 +394,3 @@ class Exchange(Reply):
         if upstream is not None and pool is not None:
             pool.finish(upstream, False)
         # (waiting for a connection: cancelled, acquire() gives the slot back)
-        self.finish()
