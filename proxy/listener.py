@@ -105,22 +105,23 @@ class Connection(asyncio.Protocol):
         self.advance()
 
     def pause_writing(self) -> None:
-        self.write_paused = True
-        exchange = self.queue[0] if self.queue else None
-        upstream = exchange.upstream if exchange is not None else None
-        if upstream is not None and upstream.transport is not None:
-            upstream.transport.pause_reading()
-        if self.tunnel is not None:
-            self.tunnel.client_writable(False)
+        self._writable(False)
 
     def resume_writing(self) -> None:
-        self.write_paused = False
+        self._writable(True)
+
+    def _writable(self, writable: bool) -> None:
+        """The client's write buffer filled or drained: what feeds it waits or goes on."""
+        self.write_paused = not writable
         exchange = self.queue[0] if self.queue else None
         upstream = exchange.upstream if exchange is not None else None
         if upstream is not None and upstream.transport is not None:
-            upstream.transport.resume_reading()
+            if writable:
+                upstream.transport.resume_reading()
+            else:
+                upstream.transport.pause_reading()
         if self.tunnel is not None:
-            self.tunnel.client_writable(True)
+            self.tunnel.client_writable(writable)
 
     # httptools callbacks
 
@@ -254,13 +255,7 @@ class Connection(asyncio.Protocol):
             exchange.refusal = 400
             return
         exchange.keep_alive = False
-        upstream, pool = exchange.upstream, exchange.pool
-        exchange.upstream = exchange.pool = None
-        if upstream is not None and pool is not None:
-            pool.finish(upstream, False)
-        if exchange.task is not None:
-            exchange.task.cancel()
-            exchange.task = None
+        exchange.let_go()
         if exchange.done:
             return
         if exchange.status is None:
