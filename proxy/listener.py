@@ -23,6 +23,7 @@ from multidict import CIMultiDict
 from .answers import BAD_PATH, HOLD_BODY, HOLD_QUEUE, HOLD_TUNNEL, Reply, bad_length
 from .app import Proxy
 from .config import Config
+from .deadlines import Deadlines
 from .errors import BAD_REQUEST_BODY
 from .exchange import Exchange
 from .websocket import Tunnel, is_websocket
@@ -40,8 +41,9 @@ class Connection(asyncio.Protocol):
         self.peer = ""
         self.queue: collections.deque[Exchange] = collections.deque()  # heads parsed, in order
         self.parsing: Exchange | None = None  # the request llhttp is in
-        self.head_timer: asyncio.TimerHandle | None = None
-        self.idle_timer: asyncio.TimerHandle | None = None
+        self.deadlines = Deadlines(
+            self.loop, listener.header_timeout, listener.idle_timeout, self.head_late, self.close
+        )
         self.holds = 0
         self.write_paused = False  # the client's transport buffer is full
         self.closing = False  # close once the answers in line are out (drain, Connection: close)
@@ -60,16 +62,13 @@ class Connection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if isinstance(peer, (list, tuple)) else str(peer or "")
         self.listener.connections.add(self)
-        self.head_timer = self.loop.call_later(self.listener.header_timeout, self.head_late)
+        self.deadlines.head()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reading = False
         self.listener.connections.discard(self)
-        for timer in (self.head_timer, self.idle_timer):
-            if timer is not None:
-                timer.cancel()
-        self.head_timer = self.idle_timer = None
+        self.deadlines.stop()
         if self.tunnel is not None:
             self.tunnel.client_lost()
         while self.queue:
@@ -93,9 +92,7 @@ class Connection(asyncio.Protocol):
             return
         if not self.reading:
             return
-        if self.idle_timer is not None:
-            self.idle_timer.cancel()
-            self.idle_timer = None
+        self.deadlines.idle_by = 0.0
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserUpgrade as upgrade:
@@ -127,8 +124,8 @@ class Connection(asyncio.Protocol):
 
     def on_message_begin(self) -> None:
         self.parsing = Exchange(self)
-        if self.head_timer is None and not self.queue:
-            self.head_timer = self.loop.call_later(self.listener.header_timeout, self.head_late)
+        if not self.deadlines.head_by and not self.queue:
+            self.deadlines.head()
 
     def on_url(self, url: bytes) -> None:
         exchange = self.parsing
@@ -150,9 +147,7 @@ class Connection(asyncio.Protocol):
         exchange = self.parsing
         if exchange is None:
             return
-        if self.head_timer is not None:
-            self.head_timer.cancel()
-            self.head_timer = None
+        self.deadlines.head_by = 0.0
         parser = self.parser
         exchange.method = parser.get_method().decode("latin-1")
         version = parser.get_http_version()
@@ -217,8 +212,8 @@ class Connection(asyncio.Protocol):
         if not self.queue and not self.closed:
             if self.closing or (not self.reading and self.parsing is None):
                 self.close()
-            elif self.parsing is None and self.idle_timer is None:
-                self.idle_timer = self.loop.call_later(self.listener.idle_timeout, self.close)
+            elif self.parsing is None and not self.deadlines.idle_by:
+                self.deadlines.idle()
 
     def answered(self, exchange: Reply) -> None:
         """`exchange`'s answer is whole: on to the next, or close."""
@@ -230,9 +225,8 @@ class Connection(asyncio.Protocol):
             self.close()
             return
         self.release(HOLD_QUEUE)
-        if self.parsing is not None and self.head_timer is None and not self.queue:
-            # part of the next head came while this one was answered: its deadline runs
-            self.head_timer = self.loop.call_later(self.listener.header_timeout, self.head_late)
+        if self.parsing is not None and not self.deadlines.head_by and not self.queue:
+            self.deadlines.head()  # part of the next head came while this one was answered
         self.advance()
 
     def malformed(self, error: Exception | None = None) -> None:
@@ -293,7 +287,6 @@ class Connection(asyncio.Protocol):
     def head_late(self) -> None:
         """No whole head within header_timeout: a fixed 408 when part of one came, then close
         (nothing at all came: just close, as HAProxy does for a browser's preconnect)."""
-        self.head_timer = None
         if self.closed or self.queue:
             return
         self.reading = False

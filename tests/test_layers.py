@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 LAYERS = {
-    "__init__": 0, "errors": 0, "model": 0, "telemetry": 0, "metrics": 0,
+    "__init__": 0, "errors": 0, "model": 0, "telemetry": 0, "metrics": 0, "deadlines": 0,
     "routing": 1, "yamlconf": 1, "jwk": 1,
     "config": 2,
     "keys": 3,
