@@ -312,6 +312,21 @@ async def test_idle_keep_alive_connections_close_after_idle_timeout(
     writer.close()
 
 
+async def test_an_idle_timeout_shorter_than_the_head_timeout_closes_on_time(
+    proxy_for: ProxyFactory, tap: Tap
+) -> None:
+    """The connection's one timer, armed for the first head's 5 s, wakes for the earlier idle
+    deadline that follows the answer."""
+    proxy = await proxy_for({"limits": {"header_timeout": 5, "idle_timeout": 0.5}, **tapped(tap)})
+    reader, writer = await open_to(proxy.url)
+    writer.write(b"GET /x HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert (await asyncio.wait_for(reader.readuntil(b"ok"), 5)).startswith(b"HTTP/1.1 200")
+    received, took = await closed_after(reader, 8)
+    assert received == b""
+    assert 0.3 < took < 2.5
+    writer.close()
+
+
 async def test_a_head_begun_after_a_keep_alive_pause_is_timed(
     proxy_for: ProxyFactory, tap: Tap
 ) -> None:
