@@ -6,7 +6,7 @@
     deadlines.idle()            # the next request is due idle_timeout from now
     deadlines.stop()            # the connection is gone
 
-A call_later and a cancel per deadline cost 7 % of a keep-alive request (uvloop allocates a
+A call_later and a cancel per deadline cost 10 % of a keep-alive request (uvloop allocates a
 TimerHandle and a libuv timer each time). Here setting or clearing a deadline is a float; the
 timer, armed for the nearest deadline, wakes and re-arms itself for the one still pending.
 """
